@@ -1,0 +1,63 @@
+"""Settings for every Somna process, read from the environment (prefix ``SOMNA_``).
+
+One object, validated on construction, so that a worker, a test and the CLI agree on
+where the data dir is and which broker and tracking server to talk to.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOMNA_", extra="ignore")
+
+    # Where Kafka logs, the MLflow db and artifacts, and the Parquet history live.
+    data_dir: Path = Path(".somna")
+    # An existing cluster; when unset, `somna up` starts the embedded broker.
+    kafka_bootstrap: str | None = None
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    # An existing tracking server; when unset, `somna up` starts `mlflow server`.
+    mlflow_uri: str | None = None
+    mlflow_port: int = 5000
+    # Same count for all co-partitioned topics: one worker owns a scope's everything.
+    partitions: int = Field(default=4, ge=1, le=1024)
+    # Tokens of a scope that are waiting to be consolidated before a sleep job is emitted.
+    chunk_tokens: int = Field(default=256, ge=8)
+    # Seconds of silence after which a scope's partial chunk is consolidated anyway.
+    idle_seconds: float = Field(default=30.0, gt=0)
+    # Offline recurrence passes per sleep job.
+    sleep_passes: int = Field(default=4, ge=1, le=64)
+    # Longest interaction text accepted, in UTF-8 bytes; longer goes to dead letters.
+    max_text_bytes: int = Field(default=16_384, ge=1)
+    # Dollars per GPU-hour, for `somna cost`.
+    gpu_dollars_per_hour: float = Field(default=2.5, ge=0)
+    # Port of the Prometheus endpoint of a worker (0 = pick a free one).
+    metrics_port: int = 0
+
+    @field_validator("kafka_bootstrap", "mlflow_uri")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @cached_property
+    def history_dir(self) -> Path:
+        return self.data_dir / "history"
+
+    @property
+    def bootstrap(self) -> str:
+        """The broker to use: the existing cluster, or the embedded one."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]
