@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     gpu_dollars_per_hour: float = Field(default=2.5, ge=0)
     # Port of the Prometheus endpoint of a worker (0 = pick a free one).
     metrics_port: int = 0
+    # Tumbling window of the Parquet history writer: one file per partition per window.
+    history_window_seconds: float = Field(default=5.0, gt=0)
+    # Scopes whose memory the inference agent keeps loaded (LRU); the rest reload on demand.
+    agent_max_scopes: int = Field(default=1024, ge=1)
+    # Consumer group of `somna worker stream` (None: derived from its roles).
+    stream_group: str | None = None
 
     @field_validator("kafka_bootstrap", "mlflow_uri")
     @classmethod

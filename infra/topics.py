@@ -12,3 +12,91 @@ DEAD_LETTERS = "somna.dead-letters"
 # Keyed by scope and co-partitioned: the same partition count for all of them.
 CO_PARTITIONED = (INTERACTIONS, REPLIES, RETRACTIONS, SLEEP_JOBS, FAST_WEIGHTS)
 ALL_TOPICS = (*CO_PARTITIONED, DEAD_LETTERS)
+
+# Per-topic configs. Everything not listed keeps the broker defaults (delete, 7 days):
+# - interactions, replies: the log; the Parquet history is the long-term record (and what
+#   a retraction purges), so Kafka needs them only until the history has flushed them.
+# - retractions: commands, applied to the history once; a delete policy like the log.
+# - sleep-jobs: a work queue; compacting by scope could drop a job that is still due.
+# - fast-weights: compacted, since only the latest version per scope (the key) matters
+#   to an agent that (re)joins; older versions stay in MLflow for rollback.
+# - dead-letters: kept longer (30 days) so that someone can look at them.
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    FAST_WEIGHTS: {"cleanup.policy": "compact"},
+    DEAD_LETTERS: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+}
+
+_TOPIC_ALREADY_EXISTS = 36  # Kafka error code
+
+
+def provision(bootstrap: str, partitions: int, replication: int = 1) -> None:
+    """Create the Somna topics that are missing; check the ones that exist.
+
+    Idempotent. Every topic gets ``partitions`` partitions (the co-partitioned ones must
+    agree, or a scope's events and state would land on different workers); an existing
+    topic with another count is an error, since Kafka cannot shrink a topic.
+    """
+    from infra.sync import run_sync
+
+    run_sync(provision_async(bootstrap, partitions, replication))
+
+
+async def provision_async(bootstrap: str, partitions: int, replication: int = 1) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaConnectionError, for_code
+
+    from infra.errors import SetupError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    try:
+        await admin.start()
+    except KafkaConnectionError as e:
+        await admin.close()
+        raise SetupError(
+            f"cannot reach Kafka at {bootstrap}: start it (`somna up` or `somna kafka`), "
+            "or set SOMNA_KAFKA_BOOTSTRAP to a running cluster"
+        ) from e
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in ALL_TOPICS if t not in existing]
+        if missing:
+            new = [
+                NewTopic(t, partitions, replication, topic_configs=TOPIC_CONFIGS.get(t, {}))
+                for t in missing
+            ]
+            response = await admin.create_topics(new)
+            for topic, code, *message in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise SetupError(
+                        f"creating topic {topic} on {bootstrap} failed: "
+                        f"{for_code(code).__name__} {message[0] if message else ''}"
+                    )
+        for info in await _describe_when_ready(admin, list(ALL_TOPICS)):
+            count = len(info["partitions"])
+            if count != partitions:
+                raise SetupError(
+                    f"topic {info['topic']} on {bootstrap} has {count} partitions, not "
+                    f"{partitions}: set SOMNA_PARTITIONS={count} to use it as it is, or "
+                    "point at a fresh cluster / data dir (Kafka cannot shrink a topic)"
+                )
+    finally:
+        await admin.close()
+
+
+async def _describe_when_ready(admin: object, topics: list[str], timeout: float = 30.0) -> list:
+    """Topic metadata, waiting out the moment after creation when a topic has no leaders."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        infos = await admin.describe_topics(topics)  # type: ignore[attr-defined]
+        ready = all(
+            i["error_code"] == 0
+            and i["partitions"]
+            and all(p["leader"] >= 0 for p in i["partitions"])
+            for i in infos
+        )
+        if ready or time.monotonic() > deadline:
+            return infos
+        await asyncio.sleep(0.2)

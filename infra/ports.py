@@ -1,0 +1,70 @@
+"""Local TCP ports: pick a free one, check one is free, and name who holds a busy one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it; a race is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on (host, port).
+
+    SO_REUSEADDR makes a port with only TIME_WAIT connections (a broker we just stopped)
+    count as free, as it is for the JVM, which sets the same option.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def who_listens(port: int) -> str:
+    """'pid 123 (java -cp ...)' for the process listening on a local TCP port, if we can tell.
+
+    Reads /proc (Linux); elsewhere, or without permission, says it does not know.
+    """
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return "an unknown process"
+    proc = Path("/proc")
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return f"pid {pid_dir.name} ({_cmdline(pid_dir)})"
+    return "an unknown process"
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                    inodes.add(inode)
+    return inodes
+
+
+def _cmdline(pid_dir: Path, limit: int = 120) -> str:
+    with contextlib.suppress(OSError):
+        cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmd = cmd.strip()
+        return cmd if len(cmd) <= limit else cmd[: limit - 3] + "..."
+    return "?"

@@ -1,0 +1,79 @@
+"""`somna up`'s supervision: restarts, commands that do not exist yet, orderly stop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings
+from infra.supervisor import Child, Supervisor
+from infra.up import run_up, somna_argv
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def poll_until(supervisor: Supervisor, done, timeout: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        supervisor.poll()
+        time.sleep(0.1)
+
+
+def test_restarts_crashes_gives_up_on_missing_commands_stops_in_reverse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="infra.supervisor")
+    first = Child("first", py("import time; time.sleep(600)"), tmp_path / "first.log")
+    crasher = Child("crasher", py("raise SystemExit(1)"), tmp_path / "crasher.log")
+    missing = Child("missing", somna_argv("no-such-command"), tmp_path / "missing.log")
+    last = Child("last", py("import time; time.sleep(600)"), tmp_path / "last.log")
+    supervisor = Supervisor([first, crasher, missing, last], env={"PATH": "/usr/bin:/bin"})
+    supervisor.start_all()
+    try:
+        poll_until(supervisor, lambda: crasher.restarts >= 2 and missing.gave_up is not None)
+    finally:
+        supervisor.stop_all(timeout=10)
+    assert crasher.restarts >= 2
+    assert missing.gave_up == "the command does not exist" and missing.restarts == 0
+    assert first.restarts == 0 and last.restarts == 0
+    stops = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert stops[0].startswith("worker last stopped") and stops[-1].startswith(
+        "worker first stopped"
+    )
+
+
+@pytest.mark.kafka
+@pytest.mark.mlflow
+def test_up_hands_the_services_to_its_workers(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = tmp_path / "seen.txt"
+    monkeypatch.setenv("SEEN", str(seen))  # workers inherit our environment
+    reporter = Child(
+        "reporter",
+        py(
+            "import os, pathlib, time; pathlib.Path(os.environ['SEEN']).write_text("
+            "os.environ['SOMNA_KAFKA_BOOTSTRAP'] + ' ' + os.environ['SOMNA_MLFLOW_URI']);"
+            " time.sleep(600)"
+        ),
+        tmp_path / "reporter.log",
+    )
+    stop = threading.Event()
+
+    def stop_once_seen() -> None:
+        deadline = time.monotonic() + 120
+        while not seen.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+
+    threading.Thread(target=stop_once_seen, daemon=True).start()
+    run_up(settings, children=[reporter], stop=stop)
+    assert seen.read_text() == f"{settings.kafka_bootstrap} {settings.mlflow_uri}"
+    assert reporter.proc is None  # stopped with the rest
