@@ -1,0 +1,122 @@
+"""The dialogue memory task (DESIGN.md "The benchmark task").
+
+A user states facts in a small fact language ("kim reports to bob."), one reporting chain
+per chunk, in random order. Other chunks of facts (and optional chatter) push them out of
+the attention window. Then the user asks 1-, 2- and 3-hop questions ("who is kim's boss's
+boss?") and the assistant answers with one name ("tav."). Loss is on the answer tokens.
+
+Why random order matters: reading "kim reports to bob." before "bob reports to tav." in
+one pass cannot write kim -> tav into S; a second sleep pass over the same chunk can,
+because S then already holds bob -> tav. Each pass buys one more hop of composition.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from model.tasks.common import (
+    Example,
+    Question,
+    RenderTurn,
+    SequenceBuilder,
+    default_render,
+    name_pool,
+)
+
+
+@dataclass(frozen=True)
+class FactsConfig:
+    chunk: int = 64  # tokens per chunk: the sleep/eviction unit
+    fact_chunks: int = 3  # chunks holding one reporting chain each
+    chain: int = 3  # edges per chain, so questions have 1..chain hops
+    gap_chunks: int = 0  # chatter chunks between the last facts and the questions
+    question_chunks: int = 2  # chunks of question/answer turns at the end
+    relation: str = "reports to"
+    boss: str = "boss"  # "who is kim's boss's boss?"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "fact_chunks", "chain", "question_chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FactsConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gap_chunks < 0:
+            raise ValueError(f"FactsConfig.gap_chunks must be >= 0, got {self.gap_chunks}")
+
+    @property
+    def n_chunks(self) -> int:
+        return self.fact_chunks + self.gap_chunks + self.question_chunks
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_chunks * self.chunk
+
+
+def fact_text(person: str, boss: str, cfg: FactsConfig) -> str:
+    return f"{person} {cfg.relation} {boss}."
+
+
+def question_text(person: str, hops: int, cfg: FactsConfig) -> str:
+    return f"who is {person}'s " + f"{cfg.boss}'s " * (hops - 1) + f"{cfg.boss}?"
+
+
+def make_example(
+    cfg: FactsConfig,
+    rng: random.Random,
+    split: str = "train",
+    render: RenderTurn | None = None,
+) -> Example:
+    render = render or default_render()
+    names = rng.sample(name_pool(split), cfg.fact_chunks * (cfg.chain + 1))
+    b = SequenceBuilder(cfg.chunk, render)
+
+    chains: list[tuple[int, list[str]]] = []  # (chunk index, [p0, p1, ...] p_i reports to p_i+1)
+    for c in range(cfg.fact_chunks):
+        people = names[c * (cfg.chain + 1) : (c + 1) * (cfg.chain + 1)]
+        facts = [fact_text(people[i], people[i + 1], cfg) for i in range(cfg.chain)]
+        rng.shuffle(facts)
+        text = " ".join(facts)
+        if b.size("user", text) > cfg.chunk:
+            raise ValueError(
+                f"a chain of {cfg.chain} facts needs {b.size('user', text)} tokens, "
+                f"more than FactsConfig.chunk={cfg.chunk}"
+            )
+        chains.append((b.current_chunk, people))
+        b.add("user", text)
+        b.fill_chunk(rng)
+    for _ in range(cfg.gap_chunks):
+        b.chatter_chunk(rng)
+
+    total = cfg.seq_len
+    questions: list[Question] = []
+    while True:
+        fact_chunk, people = rng.choice(chains)
+        hops = rng.randint(1, cfg.chain)
+        i = rng.randint(0, cfg.chain - hops)
+        answer = people[i + hops] + "."
+        q, a = question_text(people[i], hops, cfg), answer
+        need = b.size("user", q) + b.size("assistant", a)
+        if need > b.room():
+            b.fill_chunk(rng)  # a question and its answer share a chunk (and its KV)
+        if len(b.ids) + need > total:
+            break
+        b.add("user", q)
+        start, end = b.add_answer(a)
+        distance = start // cfg.chunk - fact_chunk - 1
+        questions.append(Question(hops, distance, start, end, answer))
+    if not questions:
+        raise ValueError(f"question_chunks={cfg.question_chunks} leaves no room for a question")
+    b.pad_to(total, rng)
+    return b.build(questions)
+
+
+def make_examples(
+    cfg: FactsConfig,
+    n: int,
+    seed: int,
+    split: str = "train",
+    render: RenderTurn | None = None,
+) -> list[Example]:
+    """``n`` examples, reproducible from ``seed``."""
+    rng = random.Random(f"facts-{split}-{seed}")
+    render = render or default_render()
+    return [make_example(cfg, rng, split, render) for _ in range(n)]
