@@ -1,0 +1,152 @@
+"""The inference agent: interactions in, replies out; fast-weight swaps and retractions.
+
+Three Faust agents share one :class:`~streams.engine.Engine` (the model and each scope's
+memory). All engine calls run in one dedicated thread, in arrival order: torch work never
+blocks the event loop (heartbeats, fetches and produces go on meanwhile), and a scope's
+memory is only ever touched by that thread. Consolidation never runs here (invariant 2):
+the agent only reads what the sleep workers publish.
+
+Per micro-batch (``take_events``: up to ``MAX_BATCH`` turns or ``BATCH_WINDOW`` seconds):
+decode (bad input -> dead letters), load the scopes that are not in memory (their live
+fast weights and the events after its watermark, read back from the topic), answer, and
+produce the replies keyed by scope. Offsets are acked only after the replies are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TypeVar
+
+import faust
+
+from infra.settings import Settings
+from streams import metrics
+from streams.app import Topics
+from streams.dead_letters import DeadLetterPolicy
+from streams.engine import Engine, Turn
+from streams.loader import ScopeLoader
+from streams.records import FastWeightsPublished, Interaction, Retraction
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 32  # turns answered per engine call
+BATCH_WINDOW = 0.005  # seconds a batch waits to fill: a bound on the latency it adds
+
+T = TypeVar("T")
+
+
+class EngineThread:
+    """Runs engine calls one at a time on a thread of their own."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="somna-engine")
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def install(
+    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings, engine: Engine
+) -> None:
+    """Register the agent's three Faust agents on ``app``."""
+    thread = EngineThread()
+    loader = ScopeLoader(settings)
+    turns_dlq = dlq.claim(topics.interactions.get_topic_name())
+    weights_dlq = dlq.claim(topics.fast_weights.get_topic_name())
+    retractions_dlq = dlq.claim(topics.retractions.get_topic_name())
+
+    @app.agent(topics.interactions, name="somna-agent-interactions")
+    async def answer(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(MAX_BATCH, within=BATCH_WINDOW):
+            turns: list[Turn] = []
+            for ev in events:
+                msg = ev.message
+                event = await turns_dlq.decode(
+                    ev.value, Interaction, key=ev.key, topic=msg.topic,
+                    partition=msg.partition, offset=msg.offset,
+                )  # fmt: skip
+                metrics.EVENTS.labels(role="agent", topic=msg.topic).inc()
+                if event is not None:
+                    turns.append(Turn(event, msg.partition, msg.offset, msg.timestamp))
+            if not turns:
+                continue
+            await _load_missing(turns)
+            replies = await thread.call(engine.answer, turns)
+            for reply in replies:
+                await topics.replies.send(key=reply.scope_id.encode(), value=reply.to_bytes())
+                metrics.REPLIES.inc()
+                metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
+
+    async def _load_missing(turns: list[Turn]) -> None:
+        # The first offset of each scope in this batch: memory is rebuilt up to just before.
+        first: dict[str, tuple[int, int]] = {}
+        for t in turns:
+            first.setdefault(t.event.scope_id, (t.partition, t.offset))
+        missing = [s for s in first if not engine.loaded(s)]
+        if not missing:
+            return
+        by_partition: dict[int, dict[str, int]] = defaultdict(dict)
+        for scope in missing:
+            partition, offset = first[scope]
+            by_partition[partition][scope] = offset
+        for partition, upto in by_partition.items():
+            snapshots = await loader.load(partition, upto, with_weights=engine.uses_fast_weights)
+            for scope, snapshot in snapshots.items():
+                await thread.call(engine.install, scope, snapshot)
+
+    @app.agent(topics.fast_weights, name="somna-agent-fast-weights")
+    async def swap(stream: faust.StreamT) -> None:
+        async for ev in stream.events():
+            msg = ev.message
+            published = await weights_dlq.decode(
+                ev.value, FastWeightsPublished, key=ev.key, topic=msg.topic,
+                partition=msg.partition, offset=msg.offset,
+            )  # fmt: skip
+            if published is None or not engine.loaded(published.scope_id):
+                continue  # a scope not in memory loads its live weights when it next speaks
+            weights = await loader.fetch_weights(published)
+            if weights is None:
+                metrics.SWAPS.labels(outcome="rejected").inc()
+                continue  # the previous version keeps serving
+            outcome = await thread.call(engine.swap, published, weights)
+            metrics.SWAPS.labels(outcome=outcome).inc()
+            log.info("fast weights %s v%s @%d: %s", published.scope_id, published.version,
+                     published.watermark, outcome)  # fmt: skip
+
+    @app.agent(topics.retractions, name="somna-agent-retractions")
+    async def retract(stream: faust.StreamT) -> None:
+        async for ev in stream.events():
+            msg = ev.message
+            retraction = await retractions_dlq.decode(
+                ev.value, Retraction, key=ev.key, topic=msg.topic,
+                partition=msg.partition, offset=msg.offset,
+            )  # fmt: skip
+            if retraction is not None and engine.loaded(retraction.scope_id):
+                await thread.call(engine.retract, retraction)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        await report_consumer_lag(app)
+        metrics.LIVE_SCOPES.set(engine.live_scopes())
+
+
+async def report_consumer_lag(app: faust.App) -> None:
+    """Lag per assigned partition: the partition's end offset minus our position."""
+    try:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if highwater is not None and position is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(
+                    max(0, highwater - position)
+                )
+    except Exception:  # lag is best-effort telemetry; never let it stop the worker
+        log.debug("consumer lag not available", exc_info=True)

@@ -1,0 +1,101 @@
+"""What the inference agent asks of a model: the :class:`Engine` protocol, and a null engine.
+
+An engine owns the per-scope memory and is called from one thread only (see
+``streams/agent.py``). :class:`NullEngine` answers without a model: the pipeline benchmark
+uses it to measure the streaming overhead alone; ``streams/memory.py`` has the real one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from streams.records import FastWeightsPublished, Interaction, Reply, Retraction, reply_id_for
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One consumed interaction and where it came from."""
+
+    event: Interaction
+    partition: int
+    offset: int
+    produced_at: float | None  # the record's timestamp, seconds (producer clock)
+
+    def latency_ms(self) -> float:
+        if not self.produced_at:
+            return 0.0
+        return max(0.0, (time.time() - self.produced_at) * 1000.0)
+
+
+@dataclass
+class ScopeSnapshot:
+    """What a scope's memory is rebuilt from: live fast weights + the events after them."""
+
+    weights: Any | None  # consolidation.registry.FastWeights, or None: start from the base
+    published: FastWeightsPublished | None
+    events: list[tuple[int, Interaction]] = field(default_factory=list)  # (offset, event)
+
+
+class Engine(Protocol):
+    base_model_version: str
+    uses_fast_weights: bool
+
+    def loaded(self, scope_id: str) -> bool: ...
+
+    def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None: ...
+
+    def answer(self, turns: list[Turn]) -> list[Reply]:
+        """Remember every turn; reply to the user turns, in order."""
+        ...
+
+    def swap(self, published: FastWeightsPublished, weights: Any) -> str:
+        """Swap in a scope's new S; returns the outcome ("swapped", "stale", ...)."""
+        ...
+
+    def retract(self, retraction: Retraction) -> bool: ...
+
+    def live_scopes(self) -> int: ...
+
+
+def make_reply(turn: Turn, text: str, base_model_version: str, fw_version: str | None) -> Reply:
+    return Reply(
+        reply_id=reply_id_for(turn.event.event_id),
+        event_id=turn.event.event_id,
+        scope_id=turn.event.scope_id,
+        text=text,
+        base_model_version=base_model_version,
+        fast_weights_version=fw_version,
+        latency_ms=turn.latency_ms(),
+        ts=time.time(),
+    )
+
+
+class NullEngine:
+    """No model, no memory: replies ``ok`` to every user turn."""
+
+    base_model_version = "null"
+    uses_fast_weights = False
+
+    def loaded(self, scope_id: str) -> bool:
+        return True
+
+    def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None:
+        pass
+
+    def answer(self, turns: list[Turn]) -> list[Reply]:
+        return [
+            make_reply(t, "ok", self.base_model_version, None)
+            for t in turns
+            if t.event.role == "user"
+        ]
+
+    def swap(self, published: FastWeightsPublished, weights: Any) -> str:
+        return "ignored"
+
+    def retract(self, retraction: Retraction) -> bool:
+        return False
+
+    def live_scopes(self) -> int:
+        return 0

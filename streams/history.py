@@ -1,0 +1,243 @@
+"""Parquet history of interactions and replies (contract 4 of the team's contracts).
+
+Layout: ``<history_dir>/date=YYYY-MM-DD/bucket=NN/<topic>-p<partition>-<first>-<last>.parquet``
+(date of the event's ``ts`` in UTC, bucket = stable hash of scope_id mod 16). Each file is
+written to a temp name and renamed. A file's name comes from its (topic, partition, first
+offset, last offset), and a write that overlaps files already there for the same
+(topic, partition) merges them into one file and removes the old ones: a replay after a
+crash rewrites instead of duplicating, so the history holds each event once (invariant 4).
+
+:class:`HistorySink` has the shape of a Quix Streams sink: ``add`` rows, ``flush`` writes a
+batch per (topic, partition) through ``write`` and clears it in ``finally``. The worker
+commits Kafka offsets only after ``flush`` returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from streams import metrics
+from streams.records import Interaction, Reply
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 16
+SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # "interaction" | "reply"
+        ("event_id", pa.string()),
+        ("reply_id", pa.string()),  # null for interactions
+        ("scope_id", pa.string()),
+        ("session_id", pa.string()),  # null for replies
+        ("role", pa.string()),
+        ("text", pa.string()),
+        ("ts", pa.float64()),
+        ("source_topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+_FILE_RE = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+
+
+def bucket_of(scope_id: str) -> int:
+    """Stable across processes and machines (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(scope_id.encode("utf-8")).digest()[:4], "big") % BUCKETS
+
+
+def row_of(event: Interaction | Reply, *, topic: str, partition: int, offset: int) -> dict:
+    if isinstance(event, Interaction):
+        kind, reply_id, session_id, role = "interaction", None, event.session_id, event.role
+    else:
+        kind, reply_id, session_id, role = "reply", event.reply_id, None, "assistant"
+    return {
+        "kind": kind,
+        "event_id": event.event_id,
+        "reply_id": reply_id,
+        "scope_id": event.scope_id,
+        "session_id": session_id,
+        "role": role,
+        "text": event.text,
+        "ts": float(event.ts),
+        "source_topic": topic,
+        "partition": partition,
+        "offset": offset,
+    }
+
+
+def file_name(topic: str, partition: int, first: int, last: int) -> str:
+    return f"{topic}-p{partition}-{first}-{last}.parquet"
+
+
+def _date_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
+
+
+def write_rows(history_dir: Path, topic: str, partition: int, rows: list[dict]) -> list[Path]:
+    """Write one (topic, partition) batch, one file per (date, bucket) directory."""
+    groups: dict[Path, list[dict]] = defaultdict(list)
+    for row in rows:
+        sub = f"date={_date_of(row['ts'])}/bucket={bucket_of(row['scope_id']):02d}"
+        groups[history_dir / sub].append(row)
+    return [_merge_write(d, topic, partition, group) for d, group in sorted(groups.items())]
+
+
+def _merge_write(directory: Path, topic: str, partition: int, rows: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    first = min(r["offset"] for r in rows)
+    last = max(r["offset"] for r in rows)
+    # Files of the same (topic, partition) whose offset range overlaps ours: a replay.
+    overlapping = []
+    for path in directory.glob(f"{topic}-p{partition}-*.parquet"):
+        m = _FILE_RE.match(path.name)
+        if m and m["topic"] == topic and int(m["partition"]) == partition:
+            if int(m["first"]) <= last and first <= int(m["last"]):
+                overlapping.append(path)
+    by_offset = {r["offset"]: r for r in rows}
+    for path in overlapping:
+        for old in pq.read_table(path, schema=SCHEMA).to_pylist():
+            by_offset.setdefault(old["offset"], old)
+    merged = [by_offset[o] for o in sorted(by_offset)]
+    first, last = merged[0]["offset"], merged[-1]["offset"]
+    target = directory / file_name(topic, partition, first, last)
+    tmp = directory / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(pa.Table.from_pylist(merged, schema=SCHEMA), tmp)
+    os.replace(tmp, target)  # atomic: readers see the old file or the new one, never half
+    for path in overlapping:
+        if path != target:
+            path.unlink(missing_ok=True)
+    return target
+
+
+class HistorySink:
+    """Batches rows per (topic, partition); ``flush`` writes them all (Quix sink shape)."""
+
+    def __init__(self, history_dir: Path) -> None:
+        self.history_dir = Path(history_dir)
+        self._batches: dict[tuple[str, int], list[dict]] = defaultdict(list)
+
+    def add(self, event: Interaction | Reply, *, topic: str, partition: int, offset: int) -> None:
+        self._batches[(topic, partition)].append(
+            row_of(event, topic=topic, partition=partition, offset=offset)
+        )
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    def flush(self) -> list[Path]:
+        written: list[Path] = []
+        try:
+            for (topic, partition), rows in self._batches.items():
+                if rows:
+                    written += self.write(topic, partition, rows)
+        finally:
+            self._batches.clear()
+        return written
+
+    def write(self, topic: str, partition: int, rows: list[dict]) -> list[Path]:
+        paths = write_rows(self.history_dir, topic, partition, rows)
+        metrics.HISTORY_ROWS.inc(len(rows))
+        log.debug("history: %d rows of %s[%d] -> %d files", len(rows), topic, partition, len(paths))
+        return paths
+
+
+def dataset(history_dir: Path) -> ds.Dataset:
+    """The history as a hive-partitioned pyarrow dataset (temp files excluded)."""
+    return ds.dataset(
+        str(history_dir),
+        format="parquet",
+        partitioning="hive",
+        exclude_invalid_files=False,
+        ignore_prefixes=[".", "_"],
+    )
+
+
+def read_history(history_dir: Path | str, scope_id: str | None = None) -> pa.Table:
+    """All rows (or one scope's), deduplicated by (source_topic, partition, offset), in order."""
+    history_dir = Path(history_dir)
+    if not history_dir.exists() or not any(history_dir.rglob("*.parquet")):
+        return SCHEMA.empty_table()
+    data = dataset(history_dir)
+    flt = None
+    if scope_id is not None:
+        flt = (ds.field("bucket") == bucket_of(scope_id)) & (ds.field("scope_id") == scope_id)
+    table = data.to_table(filter=flt, columns=SCHEMA.names)
+    seen: set[tuple[str, int, int]] = set()
+    keep = []
+    keys = zip(
+        table["source_topic"].to_pylist(),
+        table["partition"].to_pylist(),
+        table["offset"].to_pylist(),
+        strict=True,
+    )
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    table = table.take(pa.array(keep, type=pa.int64())).cast(SCHEMA)
+    return table.sort_by([("source_topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
+
+
+# --- the Faust glue ----------------------------------------------------------------------
+
+MAX_WINDOW_ROWS = 10_000  # a window closes early when it holds this many rows
+WRITE_RETRY_SECONDS = 5.0
+
+
+def install(app, topics, dlq, settings) -> None:  # noqa: ANN001 (faust types, see agent.py)
+    """One history agent per topic: a tumbling window of rows, flushed, then acked.
+
+    ``take_events`` acks a window's events only after the loop body returns, and the body
+    returns only once the files are written (a failing write is retried, never skipped):
+    so Kafka offsets are committed after the Parquet file exists, and a crash in between
+    replays the window, which rewrites the same files (see ``_merge_write``).
+    """
+    import asyncio
+
+    from streams.records import Interaction, Reply
+
+    def sink_agent(topic, kind: type, name: str):  # noqa: ANN001, ANN202
+        sink = HistorySink(settings.history_dir)
+        policy = dlq.claim(topic.get_topic_name())
+
+        async def agent(stream):  # noqa: ANN001, ANN202
+            window = settings.history_window_seconds
+            async for events in stream.take_events(MAX_WINDOW_ROWS, within=window):
+                window_rows = []
+                for ev in events:
+                    msg = ev.message
+                    metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
+                    event = await policy.decode(
+                        ev.value, kind, key=ev.key, topic=msg.topic,
+                        partition=msg.partition, offset=msg.offset,
+                    )  # fmt: skip
+                    if event is not None:
+                        window_rows.append((event, msg.topic, msg.partition, msg.offset))
+                await write_window(sink, window_rows)
+
+        app.agent(topic, name=name)(agent)
+
+    async def write_window(sink: HistorySink, rows: list) -> None:
+        while True:  # a failed write is retried, never skipped: the offsets wait for it
+            for event, topic, partition, offset in rows:
+                sink.add(event, topic=topic, partition=partition, offset=offset)
+            try:
+                await asyncio.to_thread(sink.flush)
+                return
+            except OSError:
+                log.exception("history write failed; retrying in %ss", WRITE_RETRY_SECONDS)
+                await asyncio.sleep(WRITE_RETRY_SECONDS)
+
+    sink_agent(topics.interactions, Interaction, "somna-history-interactions")
+    sink_agent(topics.replies, Reply, "somna-history-replies")

@@ -1,0 +1,109 @@
+"""Rebuilding a scope's memory when it is not in the agent's LRU (new worker, eviction).
+
+A scope's memory is its live fast weights (S up to a watermark W, from MLflow alias
+``live``) plus its interaction events after W, read back from ``somna.interactions`` by
+offset: the same partition the agent consumes, so they are exactly the events that were
+not consolidated (invariant 1). One pass over the partition serves every scope of a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from infra.settings import Settings
+from infra.topics import INTERACTIONS
+from streams.engine import ScopeSnapshot
+from streams.records import FastWeightsPublished, Interaction, InvalidEvent, decode
+
+log = logging.getLogger(__name__)
+
+
+class ScopeLoader:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+
+    async def fetch_weights(self, published: FastWeightsPublished) -> Any | None:
+        """Download and verify (sha256, scope) an artifact; None if it is refused."""
+        from consolidation.exceptions import ArtifactRejected
+        from consolidation.registry import load_fast_weights
+
+        try:
+            return await asyncio.to_thread(
+                load_fast_weights, self.settings.tracking_uri, published, published.scope_id
+            )
+        except ArtifactRejected as e:
+            log.error("refused fast weights %s v%s: %s", published.scope_id, published.version, e)
+            return None
+
+    async def _live(self, scope_id: str) -> tuple[FastWeightsPublished | None, Any | None]:
+        from consolidation.registry import latest_live
+
+        published = await asyncio.to_thread(latest_live, self.settings.tracking_uri, scope_id)
+        if published is None:
+            return None, None
+        weights = await self.fetch_weights(published)
+        return (published, weights) if weights is not None else (None, None)
+
+    async def load(
+        self, partition: int, upto: dict[str, int], *, with_weights: bool = True
+    ) -> dict[str, ScopeSnapshot]:
+        """Snapshots of ``upto``'s scopes: events strictly before each scope's given offset."""
+        snapshots: dict[str, ScopeSnapshot] = {}
+        for scope in upto:
+            published, weights = await self._live(scope) if with_weights else (None, None)
+            snapshots[scope] = ScopeSnapshot(weights=weights, published=published)
+        after = {s: (snap.published.watermark if snap.published else -1) for s, snap in snapshots.items()}
+        start, end = min(after.values()) + 1, max(upto.values())
+        if start < end:
+            for offset, event in await self._read(partition, start, end, set(upto)):
+                if after[event.scope_id] < offset < upto[event.scope_id]:
+                    snapshots[event.scope_id].events.append((offset, event))
+        return snapshots
+
+    async def _read(
+        self, partition: int, start: int, end: int, scopes: set[str]
+    ) -> list[tuple[int, Interaction]]:
+        """Valid interactions of ``scopes`` with ``start <= offset < end``, in order."""
+        tp = TopicPartition(INTERACTIONS, partition)
+        out: list[tuple[int, Interaction]] = []
+        async with self._lock:
+            consumer = await self._get_consumer()
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for record in batch.get(tp, []):
+                    if record.offset >= end:
+                        break
+                    key = record.key.decode("utf-8", "replace") if record.key else None
+                    if key not in scopes:
+                        continue
+                    try:
+                        event = decode(record.value, Interaction, max_text_bytes=self.settings.max_text_bytes)
+                    except InvalidEvent:
+                        continue  # already dead-lettered when it was first consumed
+                    if event.scope_id == key:
+                        out.append((record.offset, event))
+        return out
+
+    async def _get_consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",  # below the log start (retention): from there
+            )
+            await self._consumer.start()
+        return self._consumer
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None

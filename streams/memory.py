@@ -1,0 +1,160 @@
+"""The model engine of the inference agent: an LRU of live per-scope memories.
+
+A scope's live memory is a B = 1 ``MemoryState``: fast weights S consolidated up to a
+watermark W, plus the events after W (pending, in the KV) woken with their Kafka offsets.
+- a turn: wake its ``render_turn`` tokens at its offset (contract 2: every interaction is
+  remembered); a user turn is then answered by ``generate`` from ``<assistant>`` on a copy,
+  so the generated reply is never remembered;
+- a fast-weights swap: ``lm.swap_in`` keeps S' and drops only pending events at or below
+  W' (invariant 1); a refused or stale artifact leaves the previous version serving;
+- a retraction: the event leaves the pending buffer and S is re-derived without it (if it
+  was already consolidated, the consolidator's rebuild job brings a new S);
+- eviction: least recently used scopes leave memory; they come back from the registry's
+  live fast weights plus the events after its watermark (``streams/loader.py``).
+
+Why turns are woken one scope at a time: a MemoryState batch shares one position counter
+and its KV caches have one length, so scopes with different histories cannot share a
+forward without padding the caches; with B = 1 per scope the wake is exact. The agent's
+micro-batching is at the Kafka level (``take_events``): one engine call per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.engine import ScopeSnapshot, Turn, make_reply
+from streams.records import FastWeightsPublished, Reply, Retraction
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class ScopeMemory:
+    state: Any  # model.MemoryState, B = 1
+    fast_weights_version: str | None
+    offsets: dict[str, int] = field(default_factory=dict)  # event_id -> offset, pending only
+    last_offset: int = -1  # the last offset woken (or folded into S)
+
+
+class ModelEngine:
+    uses_fast_weights = True
+
+    def __init__(self, lm: Any, *, base_model_version: str, max_scopes: int = 1024,
+                 max_new_tokens: int = MAX_NEW_TOKENS) -> None:  # fmt: skip
+        from model.tokenizer import ASSISTANT, ByteTokenizer
+
+        self.lm = lm.eval()
+        self.base_model_version = base_model_version
+        self.max_scopes = max_scopes
+        self.max_new_tokens = max_new_tokens
+        self._assistant = [ASSISTANT]
+        self._tok = ByteTokenizer()
+        self._scopes: OrderedDict[str, ScopeMemory] = OrderedDict()
+
+    # ---- memory -----------------------------------------------------------------------
+    def loaded(self, scope_id: str) -> bool:
+        return scope_id in self._scopes
+
+    def live_scopes(self) -> int:
+        return len(self._scopes)
+
+    def memory(self, scope_id: str) -> ScopeMemory | None:
+        return self._scopes.get(scope_id)
+
+    def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None:
+        from model.tokenizer import render_turn
+
+        weights, watermark, version = self._base_weights(snapshot)
+        events = [(o, render_turn(e.role, e.text)) for o, e in snapshot.events if o > watermark]
+        state = self.lm.rebuild_state(weights, watermark, events)
+        mem = ScopeMemory(state, version, {e.event_id: o for o, e in snapshot.events if o > watermark})
+        mem.last_offset = max([watermark, *(o for o, _ in events)])
+        self._scopes[scope_id] = mem
+        self._scopes.move_to_end(scope_id)
+        while len(self._scopes) > self.max_scopes:
+            evicted, _ = self._scopes.popitem(last=False)
+            log.debug("evicted scope %s from memory", evicted)
+
+    def _base_weights(self, snapshot: ScopeSnapshot) -> tuple[dict, int, str | None]:
+        w = snapshot.weights
+        if w is not None and self._acceptable(w):
+            return w.tensors, int(w.watermark), w.version
+        return self.lm.init_state(1).fast_weights(), -1, None
+
+    def _acceptable(self, weights: Any) -> bool:
+        """Fast weights only mean something under the base model and config they came from."""
+        if str(weights.base_model_version) != str(self.base_model_version):
+            log.warning("fast weights %s of %s are for base model %s, serving %s: ignored",
+                        weights.version, weights.scope_id, weights.base_model_version,
+                        self.base_model_version)  # fmt: skip
+            return False
+        config_hash = weights.metadata.get("config_hash")
+        if config_hash and config_hash != self.lm.config.config_hash():
+            log.warning("fast weights %s of %s are for config %s: ignored", weights.version,
+                        weights.scope_id, config_hash)  # fmt: skip
+            return False
+        return True
+
+    # ---- turns --------------------------------------------------------------------------
+    def answer(self, turns: list[Turn]) -> list[Reply]:
+        from model.tokenizer import render_turn
+
+        replies = []
+        for turn in turns:
+            mem = self._touch(turn.event.scope_id)
+            tokens = render_turn(turn.event.role, turn.event.text)
+            fresh = self._remember(mem, turn, tokens)
+            if turn.event.role == "user":
+                # A redelivered turn is in memory already, maybe not last: ask it again.
+                prompt = self._assistant if fresh else tokens + self._assistant
+                ids = self.lm.generate(prompt, mem.state, max_new_tokens=self.max_new_tokens)
+                text = self._tok.decode(ids)
+                replies.append(make_reply(turn, text, self.base_model_version, mem.fast_weights_version))
+        return replies
+
+    def _touch(self, scope_id: str) -> ScopeMemory:
+        if scope_id not in self._scopes:  # the agent loads before answering; this is a fallback
+            self.install(scope_id, ScopeSnapshot(weights=None, published=None))
+        self._scopes.move_to_end(scope_id)
+        return self._scopes[scope_id]
+
+    def _remember(self, mem: ScopeMemory, turn: Turn, tokens: list[int]) -> bool:
+        """Wake the turn into the scope's memory at its offset; False if it was there."""
+        if turn.offset <= mem.last_offset:
+            return False  # redelivered, or already folded into S by a sleep ahead of us
+        _, mem.state = self.lm.wake(tokens, mem.state, offset=turn.offset)
+        mem.offsets[turn.event.event_id] = turn.offset
+        mem.last_offset = turn.offset
+        return True
+
+    # ---- fast weights and retractions ---------------------------------------------------
+    def swap(self, published: FastWeightsPublished, weights: Any) -> str:
+        mem = self._scopes.get(published.scope_id)
+        if mem is None:
+            return "not_loaded"
+        if weights.scope_id != published.scope_id or not self._acceptable(weights):
+            return "refused"
+        if published.watermark < mem.state.watermark or (
+            published.watermark == mem.state.watermark and published.version == mem.fast_weights_version
+        ):
+            return "stale"
+        mem.state = self.lm.swap_in(mem.state, weights.tensors, published.watermark)
+        mem.fast_weights_version = published.version
+        mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
+        mem.last_offset = max(mem.last_offset, published.watermark)
+        return "swapped"
+
+    def retract(self, retraction: Retraction) -> bool:
+        mem = self._scopes.get(retraction.scope_id)
+        if mem is None or retraction.event_id not in mem.offsets:
+            return False
+        gone = mem.offsets.pop(retraction.event_id)
+        state = mem.state
+        keep = [(e.offset, e.tokens) for e in state.pending_events if e.offset != gone]
+        mem.state = self.lm.rebuild_state(state.fast_weights(), state.watermark, keep)
+        return True

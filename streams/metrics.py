@@ -1,0 +1,34 @@
+"""Prometheus metrics of the streaming workers (one registry per process, the default one).
+
+Names follow Prometheus conventions: ``_total`` for counters, base units (seconds).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS = Counter(
+    "somna_stream_events_total", "Events consumed by a streaming role.", ["role", "topic"]
+)
+REPLIES = Counter("somna_replies_total", "Replies produced by the inference agent.")
+TURN_LATENCY = Histogram(
+    "somna_turn_latency_seconds",
+    "From consuming a user turn to producing its reply.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DEAD_LETTERS = Counter(
+    "somna_dead_letters_total", "Payloads sent to somna.dead-letters.", ["source_topic"]
+)
+CONSUMER_LAG = Gauge(
+    "somna_consumer_lag", "Messages behind the end of the partition.", ["topic", "partition"]
+)
+SLEEP_JOBS = Counter("somna_sleep_jobs_emitted_total", "Sleep jobs emitted.", ["reason"])
+SWAPS = Counter("somna_fast_weight_swaps_total", "Fast-weight artifacts swapped in.", ["outcome"])
+HISTORY_ROWS = Counter("somna_history_rows_written_total", "Rows written to Parquet history.")
+LIVE_SCOPES = Gauge("somna_live_scopes", "Scopes whose memory state is loaded in the agent.")
+
+
+def serve(port: int) -> int:
+    """Start the /metrics endpoint; port 0 picks a free one. Returns the bound port."""
+    server, _thread = start_http_server(port)
+    return int(server.server_port)

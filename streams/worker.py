@@ -1,0 +1,116 @@
+"""`somna worker stream`: the streaming worker, running the chosen roles in one Faust App.
+
+Roles: ``agent`` (inference), ``history`` (Parquet), ``consolidator`` (sleep jobs). Each
+worker process joins the consumer group of its set of roles, so more processes with the
+same roles split the partitions between them (co-partitioned: a scope's interactions,
+fast weights and retractions always land on the same worker). SIGTERM and SIGINT stop
+the worker cleanly: Faust stops the agents, flushes the producer and commits offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import faust
+
+from infra.settings import Settings
+from streams import metrics
+from streams.app import ALL_ROLES, create_app, declare_topics, group_id
+from streams.dead_letters import DeadLetterPolicy
+from streams.engine import Engine, NullEngine
+from streams.exceptions import StreamsError
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def model_engine(settings: Settings) -> Engine:
+    """The production engine: the base model at alias ``production`` (registered if absent)."""
+    from consolidation.registry import ensure_base_model
+    from streams.memory import ModelEngine
+
+    base = ensure_base_model(settings.tracking_uri)
+    log.info("serving base model version %s", base.version)
+    return ModelEngine(base.lm, base_model_version=base.version, max_scopes=settings.agent_max_scopes)
+
+
+def null_engine(settings: Settings) -> Engine:
+    return NullEngine()
+
+
+ENGINES: dict[str, EngineFactory] = {"model": model_engine, "null": null_engine}
+
+
+def build(
+    settings: Settings,
+    roles: Sequence[str] = ALL_ROLES,
+    *,
+    engine: Engine | None = None,
+    app_id: str | None = None,
+) -> faust.App:
+    """A Faust App running ``roles``; ``engine`` defaults to the engine named by
+    ``SOMNA_STREAM_ENGINE`` ("model", or "null" for benchmarks)."""
+    roles = tuple(roles)
+    unknown = sorted(set(roles) - set(ALL_ROLES))
+    if unknown or not roles:
+        raise StreamsError(f"roles must be a non-empty subset of {ALL_ROLES}, got {roles}")
+    app = create_app(settings, app_id=app_id or settings.stream_group or group_id(roles))
+    topics = declare_topics(app)
+
+    async def send_dead_letter(key: bytes | None, value: bytes) -> object:
+        return await topics.dead_letters.send(key=key, value=value)
+
+    dlq = DeadLetterPolicy(send_dead_letter, max_text_bytes=settings.max_text_bytes)
+    # The agent claims its topics first: bad input is reported once, by the first role.
+    if "agent" in roles:
+        from streams import agent
+
+        if engine is None:
+            name = os.environ.get("SOMNA_STREAM_ENGINE", "model")
+            if name not in ENGINES:
+                raise StreamsError(f"SOMNA_STREAM_ENGINE must be one of {sorted(ENGINES)}, got {name!r}")
+            engine = ENGINES[name](settings)
+        agent.install(app, topics, dlq, settings, engine)
+    if "history" in roles:
+        from streams import history
+
+        history.install(app, topics, dlq, settings)
+    if "consolidator" in roles:
+        from streams import consolidator
+
+        consolidator.install(app, topics, dlq, settings)
+    return app
+
+
+def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
+    """Block running ``roles`` until SIGTERM/SIGINT; serves Prometheus metrics meanwhile."""
+    from infra.topics import provision
+
+    provision(settings.bootstrap, settings.partitions)
+    app = build(settings, roles)
+    port = metrics.serve(settings.metrics_port)
+    log.info("stream worker %s (roles %s): metrics on :%d", app.conf.id, ",".join(roles), port)
+    worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level),
+                          override_logging=False)  # fmt: skip
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise StreamsError(f"stream worker exited with status {e.code}") from None
+
+
+def main() -> None:
+    """``python -m streams.worker [roles...]``: what tests and benchmarks spawn."""
+    import sys
+
+    level = os.environ.get("SOMNA_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    roles = tuple(sys.argv[1:]) or ALL_ROLES
+    run(Settings(), roles)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The agent's model engine on a tiny random model: remember, answer, swap, retract, reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from consolidation.registry import FastWeights
+from model import HybridConfig, HybridLM
+from model.tokenizer import render_turn
+from streams.engine import ScopeSnapshot, Turn
+from streams.memory import ModelEngine
+from streams.records import FastWeightsPublished, Interaction, Retraction, reply_id_for
+
+CFG = HybridConfig(d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=32, chunk=32)
+
+
+@pytest.fixture
+def lm() -> HybridLM:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return HybridLM(CFG).eval()
+
+
+def _turn(i: int, role: str = "system", scope: str = "u1") -> Turn:
+    event = Interaction(event_id=f"e{i}", scope_id=scope, session_id="s", role=role,
+                        text=f"fact {i}.", ts=0.0)  # fmt: skip
+    return Turn(event, 0, i, None)
+
+
+def _weights(lm: HybridLM, engine: ModelEngine, upto: int, version: str = "1") -> tuple:
+    state = engine.memory("u1").state
+    slept = lm.sleep([state.pending_tokens(upto)], state, passes=2)
+    published = FastWeightsPublished(
+        scope_id="u1", version=version, artifact_uri="mlflow-artifacts:/x", sha256="0" * 64,
+        watermark=upto, base_model_version="7", job_id="j",
+    )  # fmt: skip
+    weights = FastWeights(
+        scope_id="u1", version=version, tensors=slept.fast_weights(),
+        metadata={"config_hash": CFG.config_hash()}, watermark=upto, base_model_version="7",
+    )  # fmt: skip
+    return published, weights
+
+
+def test_turns_are_remembered_and_user_turns_answered(lm):
+    engine = ModelEngine(lm, base_model_version="7", max_new_tokens=4)
+    replies = engine.answer([_turn(0), _turn(1), _turn(2, role="user")])
+    assert [r.reply_id for r in replies] == [reply_id_for("e2")]
+    assert replies[0].base_model_version == "7" and replies[0].fast_weights_version is None
+    pending = engine.memory("u1").state.pending_events
+    assert [e.offset for e in pending] == [0, 1, 2]
+    # A redelivery does not remember twice, and answers with the same reply_id.
+    again = engine.answer([_turn(2, role="user")])
+    assert again[0].reply_id == replies[0].reply_id
+    assert len(engine.memory("u1").state.pending_events) == 3
+
+
+def test_swap_drops_only_what_the_weights_cover_and_stale_ones_are_refused(lm):
+    engine = ModelEngine(lm, base_model_version="7")
+    engine.answer([_turn(i) for i in range(5)])
+    published, weights = _weights(lm, engine, upto=2)
+    assert engine.swap(published, weights) == "swapped"
+    mem = engine.memory("u1")
+    assert [e.offset for e in mem.state.pending_events] == [3, 4]  # no gap (invariant 1)
+    assert mem.fast_weights_version == "1" and mem.state.watermark == 2
+    assert engine.swap(published, weights) == "stale"  # the same version again
+    older = published.model_copy(update={"version": "0", "watermark": 1})
+    assert engine.swap(older, weights) == "stale"
+    other = FastWeights(**{**weights.__dict__, "base_model_version": "8"})
+    assert engine.swap(published.model_copy(update={"version": "2", "watermark": 3}), other) == "refused"
+    assert engine.memory("u1").fast_weights_version == "1"
+
+
+def test_a_reloaded_scope_has_the_same_memory_as_the_live_one(lm):
+    live = ModelEngine(lm, base_model_version="7")
+    live.answer([_turn(i) for i in range(6)])
+    published, weights = _weights(lm, live, upto=3)
+    live.swap(published, weights)
+    reloaded = ModelEngine(lm, base_model_version="7")
+    events = [(i, _turn(i).event) for i in range(4, 6)]
+    reloaded.install("u1", ScopeSnapshot(weights=weights, published=published, events=events))
+    a, b = live.memory("u1").state, reloaded.memory("u1").state
+    for sa, sb in zip(a.S, b.S, strict=True):
+        torch.testing.assert_close(sa, sb)
+    assert [e.offset for e in b.pending_events] == [4, 5]
+
+
+def test_retraction_drops_the_event_and_lru_evicts(lm):
+    engine = ModelEngine(lm, base_model_version="7", max_scopes=2)
+    engine.answer([_turn(i) for i in range(3)])
+    assert engine.retract(Retraction(scope_id="u1", event_id="e1", ts=0.0))
+    state = engine.memory("u1").state
+    assert [e.offset for e in state.pending_events] == [0, 2]
+    expected = lm.rebuild_state(lm.init_state(1).fast_weights(), -1,
+                                [(0, render_turn("system", "fact 0.")), (2, render_turn("system", "fact 2."))])  # fmt: skip
+    torch.testing.assert_close(state.S[0], expected.S[0])
+    engine.answer([_turn(0, scope="u2"), _turn(0, scope="u3")])
+    assert not engine.loaded("u1") and engine.live_scopes() == 2
