@@ -1,0 +1,147 @@
+"""Retraction and rebuild (invariant 3: S is a pure function of the retained history).
+
+A retraction of event E of scope X:
+1. purges E's text from the Parquet history (``purge.purge_event``: the files that hold it
+   are rewritten, nothing else lost);
+2. records E on X's registered model, so every later sleep leaves it out even where it
+   still reads the Kafka log;
+3. rebuilds X's fast weights from the last version of the live lineage whose watermark is
+   before E, replaying the history after it without E (deterministic chunking), registers
+   the result (reason ``retraction``, tagged with E) and moves ``live`` to it.
+
+``rebuild`` replays a scope's whole history from zeros (after a base model upgrade, say).
+Both are idempotent: the job id is derived from what they do, so a retry finds the version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from consolidation import metrics, registry
+from consolidation.batch import run_batch
+from consolidation.planner import Plan, plan_rebuild
+from consolidation.purge import PurgeResult, purge_event
+from consolidation.registry import BaseModel
+from infra.settings import Settings
+from streams.records import FastWeightsPublished
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetractionResult:
+    purge: PurgeResult
+    outcome: str
+    published: FastWeightsPublished | None
+
+
+async def _execute(
+    settings: Settings, base: BaseModel, plan: Plan, device: str | None
+) -> FastWeightsPublished | None:
+    if plan.task is None:
+        return plan.done
+    published, _ = await asyncio.to_thread(
+        run_batch, settings.tracking_uri, base, [plan.task],
+        passes=settings.sleep_passes, device=device, run_name=plan.outcome,
+    )  # fmt: skip
+    return published[0]
+
+
+async def apply(
+    settings: Settings,
+    base: BaseModel,
+    scope_id: str,
+    event_id: str,
+    reason: str = "",
+    *,
+    partition: int | None = None,
+    device: str | None = None,
+) -> RetractionResult:
+    """Purge, record, rebuild. Returns what to publish (None when nothing was consolidated)."""
+    purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
+    await asyncio.to_thread(
+        registry.record_retraction, settings.tracking_uri, scope_id, event_id, reason
+    )
+    plan = await plan_rebuild(
+        settings, base, scope_id, partition=partition if partition is not None else purge.partition,
+        retracted_event=event_id, retracted_offset=purge.offset,
+    )  # fmt: skip
+    published = await _execute(settings, base, plan, device)
+    metrics.RETRACTIONS.inc()
+    log.info(
+        "retracted %s of %s: %d row(s) purged from %d file(s); %s%s",
+        event_id, scope_id, purge.rows_removed, len(purge.files_rewritten), plan.outcome,
+        f" -> v{published.version}" if published else "",
+    )  # fmt: skip
+    return RetractionResult(purge=purge, outcome=plan.outcome, published=published)
+
+
+async def rebuild_async(
+    settings: Settings,
+    base: BaseModel,
+    scope_id: str,
+    *,
+    partition: int | None = None,
+    device: str | None = None,
+) -> FastWeightsPublished | None:
+    plan = await plan_rebuild(settings, base, scope_id, partition=partition)
+    return await _execute(settings, base, plan, device)
+
+
+# --- synchronous entry points (CLI, tests) --------------------------------------------------
+
+
+def retract(
+    settings: Settings, scope_id: str, event_id: str, reason: str = "", *, publish: bool = True
+) -> RetractionResult:
+    """Apply a retraction in this process, publish the rebuilt version, and announce the
+    retraction on ``somna.retractions`` so agents drop the event from their buffers (a sleep
+    worker that sees it too finds the work done)."""
+    from consolidation.publish import publish as publish_events
+    from streams.records import Retraction, now
+
+    async def main() -> RetractionResult:
+        base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
+        result = await apply(settings, base, scope_id, event_id, reason)
+        if publish:
+            if result.published is not None:
+                await publish_events(settings.bootstrap, [result.published])
+            await _announce(
+                settings.bootstrap,
+                Retraction(scope_id=scope_id, event_id=event_id, reason=reason, ts=now()),
+            )
+        return result
+
+    return asyncio.run(main())
+
+
+def rebuild(
+    settings: Settings, scope_id: str, *, publish: bool = True
+) -> FastWeightsPublished | None:
+    """Replay the scope's whole history on the production base model; publish the result."""
+    from consolidation.publish import publish as publish_events
+
+    async def main() -> FastWeightsPublished | None:
+        base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
+        published = await rebuild_async(settings, base, scope_id)
+        if publish and published is not None:
+            await publish_events(settings.bootstrap, [published])
+        return published
+
+    return asyncio.run(main())
+
+
+async def _announce(bootstrap: str, event) -> None:
+    from consolidation.publish import make_producer
+    from infra.topics import RETRACTIONS
+
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            RETRACTIONS, key=event.scope_id.encode("utf-8"), value=event.to_bytes()
+        )
+    finally:
+        await producer.stop()

@@ -1,0 +1,258 @@
+"""The sleep worker: a Kafka consumer group on ``somna.sleep-jobs`` (and ``somna.retractions``).
+
+Loop: fetch what is there, plan each job (``planner``), gather the plans of distinct scopes
+up to a token budget, run them as one batched sleep (``batch.run_batch``: one MLflow run,
+one version per scope, ``live`` moved), publish ``FastWeightsPublished`` keyed by scope,
+and only then commit the jobs' offsets. A crash anywhere before the commit redelivers
+the job; the planner then finds the version the job already registered (by its job id)
+and publishes it again instead of registering a second one.
+
+Retractions are applied here too (``retraction.apply``): purge the event from the Parquet
+history, record it on the scope's registered model, rebuild from the last version before it.
+
+Sleep runs on the GPU when there is one, in a worker thread so the consumer's heartbeats
+keep going. Bad job payloads go to ``somna.dead-letters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from consolidation import metrics, registry
+from consolidation.batch import pick_device, run_batch
+from consolidation.exceptions import HistoryError
+from consolidation.planner import Plan, plan_job
+from consolidation.publish import make_producer, send_all
+from infra.settings import Settings
+from infra.topics import DEAD_LETTERS, RETRACTIONS, SLEEP_JOBS
+from streams.records import FastWeightsPublished, Retraction, SleepJob
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "somna-sleep"
+MAX_BATCH_TOKENS = 32_768  # tokens of all scopes in one batched sleep
+PLAN_RETRIES = 5
+MAX_FAILURES = 3  # a batch whose first record fails this often: that record is dead-lettered  # a job whose events are not readable yet is retried this often, 1 s apart
+
+
+@dataclass
+class _Group:
+    plans: list[Plan] = field(default_factory=list)
+    scopes: set[str] = field(default_factory=set)
+    tokens: int = 0
+    offsets: dict = field(default_factory=dict)  # TopicPartition -> next offset to commit
+
+
+class SleepWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        base: registry.BaseModel,
+        consumer,
+        producer,
+        *,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        accept: Callable[[str], bool] | None = None,
+        device: str | None = None,
+    ) -> None:
+        from streams.dead_letters import DeadLetterPolicy
+
+        self.settings = settings
+        self.base = base
+        self.consumer = consumer
+        self.producer = producer
+        self.max_batch_tokens = max_batch_tokens
+        self.accept = accept or (lambda scope: True)
+        self.device = device or pick_device()
+        self.dlq = DeadLetterPolicy(
+            lambda key, value: producer.send_and_wait(DEAD_LETTERS, key=key, value=value),
+            max_text_bytes=settings.max_text_bytes,
+        )
+
+    async def handle(self, records: list) -> None:
+        """Handle fetched records in offset order; commits after each flushed group."""
+        group = _Group()
+        for rec in records:
+            tp = _tp(rec)
+            if rec.topic == RETRACTIONS:
+                await self.flush(group)
+                group = _Group()
+                await self.retract(rec)
+                await self.consumer.commit({tp: rec.offset + 1})
+                continue
+            job = await self.dlq.decode(
+                rec.value, SleepJob, key=rec.key, topic=rec.topic,
+                partition=rec.partition, offset=rec.offset,
+            )  # fmt: skip
+            if job is None or not self.accept(job.scope_id):
+                group.offsets[tp] = rec.offset + 1
+                continue
+            if job.scope_id in group.scopes:  # its parent is in this group: run that first
+                await self.flush(group)
+                group = _Group()
+            plan = await self._plan(job, rec.partition)
+            tokens = plan.task.tokens if plan and plan.task else 0
+            if group.plans and group.tokens + tokens > self.max_batch_tokens:
+                await self.flush(group)
+                group = _Group()
+            if plan is not None:
+                group.plans.append(plan)
+                group.scopes.add(job.scope_id)
+                group.tokens += tokens
+            group.offsets[tp] = rec.offset + 1
+        await self.flush(group)
+
+    async def _plan(self, job: SleepJob, partition: int) -> Plan | None:
+        for attempt in range(PLAN_RETRIES):
+            try:
+                return await plan_job(self.settings, self.base, job, partition)
+            except HistoryError as e:
+                log.info("job %s not ready (%s), try %d", job.job_id, e, attempt + 1)
+                await asyncio.sleep(1.0)
+        # The consolidation processor sends an in-flight job again after a while.
+        log.warning("job %s deferred: its events are not readable yet", job.job_id)
+        metrics.JOBS.labels(outcome="deferred").inc()
+        return None
+
+    async def flush(self, group: _Group) -> None:
+        """Sleep the group's tasks in one batch, publish everything, then commit."""
+        done = [p.done for p in group.plans if p.done is not None]
+        tasks = [p.task for p in group.plans if p.task is not None]
+        published: list[FastWeightsPublished] = []
+        if tasks:
+            published, _ = await asyncio.to_thread(
+                run_batch, self.settings.tracking_uri, self.base, tasks,
+                passes=self.settings.sleep_passes, device=self.device,
+            )  # fmt: skip
+        fault_point("after_register")
+        for p in group.plans:
+            metrics.JOBS.labels(outcome=p.outcome).inc()
+        if done or published:
+            await send_all(self.producer, [*done, *published])
+        if group.offsets:
+            await self.consumer.commit(dict(group.offsets))
+
+    async def retract(self, rec) -> None:
+        from consolidation.retraction import apply
+
+        event = await self.dlq.decode(
+            rec.value, Retraction, key=rec.key, topic=rec.topic,
+            partition=rec.partition, offset=rec.offset,
+        )  # fmt: skip
+        if event is None or not self.accept(event.scope_id):
+            return
+        result = await apply(
+            self.settings, self.base, event.scope_id, event.event_id, event.reason,
+            partition=rec.partition, device=self.device,
+        )  # fmt: skip
+        if result.published is not None:
+            await send_all(self.producer, [result.published])
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the crash tests: with ``SOMNA_FAULT=<name>`` the worker stops
+    dead here (blocks until killed), e.g. after registering and before publishing."""
+    if os.environ.get("SOMNA_FAULT") == name:
+        log.warning("fault injection: blocking at %s until killed", name)
+        while True:
+            time.sleep(3600)
+
+
+def _tp(rec):
+    from aiokafka import TopicPartition
+
+    return TopicPartition(rec.topic, rec.partition)
+
+
+async def run_async(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    group_id: str = GROUP_ID,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    accept: Callable[[str], bool] | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Consume and sleep until ``stop`` is set."""
+    from aiokafka import AIOKafkaConsumer
+
+    stop = stop or asyncio.Event()
+    base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
+    log.info("sleep worker: base model %s v%s", registry.BASE_MODEL_NAME, base.version)
+    consumer = AIOKafkaConsumer(
+        SLEEP_JOBS, RETRACTIONS,
+        bootstrap_servers=settings.bootstrap, group_id=group_id,
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        max_poll_interval_ms=600_000,
+    )  # fmt: skip
+    producer = make_producer(settings.bootstrap)
+    await producer.start()
+    await consumer.start()
+    worker = SleepWorker(
+        settings, base, consumer, producer, max_batch_tokens=max_batch_tokens, accept=accept
+    )
+    if started is not None:
+        started.set()
+    failures: dict[tuple[str, int, int], int] = {}
+    try:
+        while not stop.is_set():
+            fetched = await consumer.getmany(timeout_ms=500, max_records=256)
+            records = [r for tp in sorted(fetched, key=str) for r in fetched[tp]]
+            if not records:
+                continue
+            try:
+                await worker.handle(records)
+                failures.clear()
+            except Exception as e:  # MLflow or the broker away, or a job that cannot run
+                first = records[0]
+                key = (first.topic, first.partition, first.offset)
+                failures[key] = failures.get(key, 0) + 1
+                log.exception(
+                    "sleep batch failed (%d time(s)); retrying from the last commit", failures[key]
+                )
+                if failures[key] >= MAX_FAILURES:
+                    # Poison: the same first record keeps failing. Divert it, move past it.
+                    await worker.dlq.divert(
+                        first.value, key=first.key, reason=f"sleep failed {failures[key]} times: {e}",
+                        topic=first.topic, partition=first.partition, offset=first.offset,
+                    )  # fmt: skip
+                    await consumer.commit({_tp(first): first.offset + 1})
+                    metrics.JOBS.labels(outcome="dead_letter").inc()
+                await _rewind(consumer)
+                await asyncio.sleep(min(30.0, 2.0 * failures[key]))
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _rewind(consumer) -> None:
+    for tp in consumer.assignment():
+        committed = await consumer.committed(tp)
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
+
+
+def run(settings: Settings) -> None:
+    """`somna worker sleep`: serve metrics, consume until SIGTERM/SIGINT, stop cleanly."""
+    from prometheus_client import start_http_server
+
+    server = start_http_server(settings.metrics_port)
+    port = server[0].server_port if isinstance(server, tuple) else settings.metrics_port
+    log.info("sleep worker metrics on :%s/metrics", port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_async(settings, stop=stop)
+
+    asyncio.run(main())

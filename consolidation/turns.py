@@ -1,0 +1,144 @@
+"""A scope's remembered turns in an offset range: the input of every sleep.
+
+Memory content (contract 2) is a scope's interaction events, rendered with
+``model.tokenizer.render_turn``, in offset order. They come from the Parquet history
+(``streams.history.read_history``) and, for the tail that the history aggregator has not
+flushed yet, from ``somna.interactions`` itself, read by offset. Retracted events are left
+out wherever they come from (the Kafka log still holds their text).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.topics import INTERACTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Turn:
+    event_id: str
+    role: str
+    text: str
+    offset: int
+    partition: int
+
+    def tokens(self) -> list[int]:
+        from model.tokenizer import render_turn
+
+        return render_turn(self.role, self.text)
+
+
+def from_history(history_dir: Path, scope_id: str, lo: int, hi: int) -> list[Turn]:
+    """Interactions of ``scope_id`` with ``lo <= offset <= hi`` from the Parquet history."""
+    from streams.history import read_history
+
+    table = read_history(history_dir, scope_id)
+    out = []
+    for row in table.to_pylist():
+        if row["kind"] == "interaction" and row["source_topic"] == INTERACTIONS:
+            if lo <= row["offset"] <= hi:
+                out.append(
+                    Turn(row["event_id"], row["role"], row["text"], row["offset"], row["partition"])
+                )
+    return sorted(out, key=lambda t: t.offset)
+
+
+async def from_topic(
+    bootstrap: str, scope_id: str, partition: int, lo: int, hi: int, *, timeout_s: float = 10.0
+) -> list[Turn]:
+    """Interactions of ``scope_id`` at ``lo <= offset <= hi`` read straight from the topic."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.records import Interaction, InvalidEvent, decode
+
+    if hi < lo:
+        return []
+    tp = TopicPartition(INTERACTIONS, partition)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: list[Turn] = []
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        stop = min(hi + 1, end)
+        if lo >= stop:
+            return []
+        consumer.seek(tp, lo)
+        position = lo
+        while position < stop:
+            batch = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000), max_records=500)
+            records = batch.get(tp, [])
+            if not records:
+                log.warning(
+                    "no records from %s[%d] at %d (want up to %d)",
+                    INTERACTIONS,
+                    partition,
+                    position,
+                    stop - 1,
+                )
+                break
+            for rec in records:
+                position = rec.offset + 1
+                if rec.offset >= stop:
+                    break
+                try:
+                    event = decode(rec.value, Interaction)
+                except InvalidEvent:
+                    continue  # the stream worker dead-letters it; it is not memory
+                if event.scope_id == scope_id:
+                    out.append(Turn(event.event_id, event.role, event.text, rec.offset, partition))
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def scope_turns(
+    *,
+    history_dir: Path,
+    bootstrap: str | None,
+    scope_id: str,
+    partition: int | None,
+    lo: int,
+    hi: int,
+    retracted: Iterable[str] = (),
+    tail_floor: int | None = None,
+) -> list[Turn]:
+    """The scope's turns in ``[lo, hi]``: Parquet first, then the unflushed tail from Kafka.
+
+    The tail is read from after the last flushed turn, but not before ``tail_floor`` (a
+    scope's first job need not scan its partition from offset 0).
+    """
+    turns = from_history(history_dir, scope_id, lo, hi)
+    if partition is None and turns:
+        partition = turns[-1].partition
+    tail_from = max(
+        turns[-1].offset + 1 if turns else lo, tail_floor if tail_floor is not None else lo
+    )
+    if bootstrap and partition is not None and tail_from <= hi:
+        turns += await from_topic(bootstrap, scope_id, partition, tail_from, hi)
+    dropped = set(retracted)
+    return [t for t in turns if t.event_id not in dropped]
+
+
+def chunk_turns(turns: list[Turn], chunk_tokens: int) -> list[list[Turn]]:
+    """Deterministic chunking for replays (invariant 3): whole turns, greedily, in order,
+    a chunk closing once it holds ``chunk_tokens`` tokens or more."""
+    chunks: list[list[Turn]] = []
+    current: list[Turn] = []
+    size = 0
+    for t in turns:
+        current.append(t)
+        size += len(t.tokens())
+        if size >= chunk_tokens:
+            chunks.append(current)
+            current, size = [], 0
+    if current:
+        chunks.append(current)
+    return chunks

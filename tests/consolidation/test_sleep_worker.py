@@ -1,0 +1,115 @@
+"""The sleep worker against the real broker and MLflow server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from consolidation import registry
+from consolidation.sleep_worker import run_async
+from infra.settings import Settings
+from streams.records import SleepJob
+from tests.consolidation.conftest import scope_id
+from tests.consolidation.kafka_helpers import PublishWatcher, send_job, send_turns, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.mlflow]
+
+TURNS = [
+    "alice reports to bob.",
+    "bob reports to carol.",
+    "erin likes green tea.",
+    "frank owns a boat.",
+]
+
+
+def _job(scope: str, offsets: list[tuple[int, int]], passes: int = 2) -> SleepJob:
+    return SleepJob(job_id=f"job-{uuid.uuid4().hex[:12]}", scope_id=scope,
+                    from_watermark=offsets[0][1], to_watermark=offsets[-1][1], passes=passes)  # fmt: skip
+
+
+async def test_a_chunk_of_turns_ends_in_a_new_live_version(settings: Settings, base_model) -> None:
+    scope = scope_id()
+    offsets = await send_turns(
+        settings.bootstrap, scope, TURNS
+    )  # not in Parquet: read from the topic
+    job = _job(scope, offsets)
+    watcher = await PublishWatcher(settings.bootstrap).start()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(
+        run_async(
+            settings, stop=stop, group_id=f"g-{uuid.uuid4().hex}", accept=lambda s: s == scope
+        )
+    )
+    try:
+        await send_job(settings.bootstrap, job)
+        pub = await watcher.wait(scope)
+    finally:
+        stop.set()
+        await worker
+        await watcher.stop()
+    assert pub.watermark == job.to_watermark and pub.job_id == job.job_id
+    assert registry.latest_live(settings.tracking_uri, scope) == pub
+    (mv,) = registry.list_versions(settings.tracking_uri, scope)
+    assert mv.tags["events"] == str(len(TURNS)) and mv.tags["job_id"] == job.job_id
+    fw = registry.load_fast_weights(settings.tracking_uri, pub, scope)
+    assert fw.metadata["watermark"] == str(job.to_watermark)
+
+
+def _spawn_worker(
+    settings: Settings, group: str, prefix: str, fault: str | None
+) -> subprocess.Popen:
+    code = (
+        "import asyncio, logging, os, torch\n"
+        "torch.set_num_threads(1)\n"
+        "logging.basicConfig(level='INFO')\n"
+        "from infra.settings import Settings\n"
+        "from consolidation.sleep_worker import run_async\n"
+        "p = os.environ['TEST_SCOPE_PREFIX']\n"
+        "asyncio.run(run_async(Settings(), group_id=os.environ['TEST_GROUP'], accept=lambda s: s.startswith(p)))\n"
+    )
+    env = dict(os.environ, SOMNA_KAFKA_BOOTSTRAP=settings.bootstrap, SOMNA_MLFLOW_URI=settings.tracking_uri,
+               SOMNA_DATA_DIR=str(settings.data_dir), SOMNA_SLEEP_PASSES="2",
+               TEST_GROUP=group, TEST_SCOPE_PREFIX=prefix)  # fmt: skip
+    env.pop("SOMNA_FAULT", None)
+    if fault:
+        env["SOMNA_FAULT"] = fault
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+async def test_kill_9_mid_job_and_restart_yields_exactly_one_version(
+    settings: Settings, base_model
+) -> None:
+    scope = scope_id("crash")
+    group = f"g-{uuid.uuid4().hex}"
+    offsets = await send_turns(settings.bootstrap, scope, TURNS)
+    job = _job(scope, offsets)
+    await send_job(settings.bootstrap, job)
+    # First worker: registers the version, then stops dead before publishing/committing.
+    first = _spawn_worker(settings, group, scope, fault="after_register")
+    try:
+        await wait_for(
+            lambda: registry.find_version_by_job(settings.tracking_uri, scope, job.job_id),
+            timeout=240,
+        )
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    watcher = await PublishWatcher(settings.bootstrap).start()
+    second = _spawn_worker(settings, group, scope, fault=None)
+    try:
+        pub = await watcher.wait(scope, timeout=240)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(second.wait, 60)
+        await watcher.stop()
+    versions = registry.list_versions(settings.tracking_uri, scope)
+    assert len(versions) == 1 and pub.version == versions[0].version
+    assert registry.latest_live(settings.tracking_uri, scope) == pub
