@@ -1,0 +1,239 @@
+"""`somna bench memory`: does sleep remember? Exact match after eviction, by hop and distance.
+
+For each variant with a trained checkpoint under ``model/checkpoints/`` (variants without
+one are reported as "not trained", never faked):
+
+    window-only          attention within the chunk, no fast weights (pattern "A")
+    hybrid N=1, 2, 4     trained end to end through N sleep passes per chunk
+    full attention       one pass over the whole dialogue, keeps its whole KV cache
+    N=1, deeper stack    compute-matched to N=4: consolidation FLOPs of the same order
+
+it reports held-out-name exact-match accuracy by hop count and by distance (chunks since
+the facts were evicted) as mean ± std over 3 evaluation seeds, the memory a scope holds
+(measured from a real MemoryState at the end of a dialogue) and the FLOPs spent per
+consolidated token (counted by torch's FlopCounterMode over one sleep). Evaluation is
+teacher-forced, which equals greedy decoding of the answer (see model/train.py).
+A table (rich), JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "model" / "checkpoints"
+EVAL_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    checkpoint: str  # directory name under model/checkpoints/
+    passes: int | None = None  # sleep passes at evaluation (None: as trained)
+
+
+VARIANTS = [
+    Variant("window only", "facts-window"),
+    Variant("hybrid N=1", "facts-n1"),
+    Variant("hybrid N=2", "facts-n2"),
+    Variant("hybrid N=4", "facts-n4"),
+    Variant("full attention", "facts-full"),
+    Variant("N=1 deep (~N=4 FLOPs)", "facts-n1-deep"),
+]
+# Ablation: the N=4 model slept with fewer passes than it was trained with.
+ABLATIONS = [
+    Variant("N=4 model slept N=1", "facts-n4", 1),
+    Variant("N=4 model slept N=2", "facts-n4", 2),
+]
+
+
+def run(quick: bool, json_path: Path | None) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    n = 16 if quick else 128
+    started = time.time()
+    rows = [evaluate_variant(v, n) for v in VARIANTS + ABLATIONS]
+    result = {
+        "benchmark": "memory",
+        "quick": quick,
+        "examples_per_seed": 2 * n,  # the training layout plus a far layout (chatter gap)
+        "eval_seeds": list(EVAL_SEEDS),
+        "names": "held-out pool (disjoint from training names)",
+        "machine": _machine(),
+        "seconds": round(time.time() - started, 1),
+        "variants": rows,
+    }
+    _print_table(result)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot = (
+        json_path.with_suffix(".png")
+        if json_path is not None
+        else Path(tempfile.gettempdir()) / "somna-bench-memory.png"
+    )
+    result["plot"] = str(plot_results(result, plot))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"plot: {plot}")
+    return result
+
+
+def evaluate_variant(v: Variant, n: int) -> dict[str, Any]:
+    from model import HybridLM
+    from model.train import evaluate, load_train_config
+
+    path = CHECKPOINTS / v.checkpoint
+    row: dict[str, Any] = {"variant": v.label, "checkpoint": v.checkpoint}
+    if not (path / "config.json").is_file() or not (path / "train.json").is_file():
+        row["status"] = "not trained"
+        return row
+    lm = HybridLM.load(path)
+    cfg = load_train_config(path)
+    if v.passes is not None:
+        cfg.passes = v.passes
+    trained = json.loads((path / "metrics.json").read_text())
+    ev = evaluate(lm, cfg, seeds=EVAL_SEEDS, n=n)
+    row.update(
+        status="ok",
+        memory_mode=cfg.memory,
+        passes=cfg.passes,
+        pattern=lm.config.layer_kinds,
+        params=lm.num_params(),
+        train_steps=trained.get("steps"),
+        train_seconds=trained.get("train_seconds"),
+        accuracy=ev["accuracy"],
+        memory_bytes=memory_bytes(lm, cfg),
+        flops_per_consolidated_token=sleep_flops_per_token(lm, cfg),
+    )
+    return row
+
+
+def memory_bytes(lm: Any, cfg: Any) -> dict[str, int]:
+    """What one scope holds at the end of a far-layout dialogue, from a real MemoryState."""
+    ex = cfg.make_example(random.Random("memory-bytes"), "heldout", cfg.far_gap_chunks)
+    L = cfg.chunk
+    if cfg.memory == "full":
+        _, state = lm.wake(ex.ids, lm.init_state())  # the window covers all: nothing evicted
+    else:
+        state = lm.init_state()
+        for c in range(ex.n_chunks - 1):
+            state = lm.sleep(ex.ids[c * L : (c + 1) * L], state, passes=cfg.passes)
+        _, state = lm.wake(ex.ids[-L:], state)  # the live chunk sits in the KV window
+    parts = state.nbytes()
+    parts.pop("pending_tokens", None)
+    parts["total"] = sum(parts.values())
+    parts["history_tokens"] = len(ex.ids)
+    return parts
+
+
+def sleep_flops_per_token(lm: Any, cfg: Any) -> float:
+    """FLOPs of consolidating one chunk (N passes), per token; 0 for models that do not
+    consolidate (window-only drops evicted tokens, full attention never evicts)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if cfg.memory == "full" or not lm.config.gdn_layers:
+        return 0.0
+    ids = cfg.make_example(random.Random("flops"), "heldout").ids[: cfg.chunk]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lm.sleep(ids, lm.init_state(), passes=cfg.passes)
+    return counter.get_total_flops() / len(ids)
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [r for r in result["variants"]]
+    hops = sorted(
+        {k for r in rows if r["status"] == "ok" for k in r["accuracy"] if k.startswith("hops=")}
+    )
+    dists = sorted(
+        {
+            k
+            for r in rows
+            if r["status"] == "ok"
+            for k in r["accuracy"]
+            if k.startswith("distance=")
+        },
+        key=lambda k: int(k.split("=")[1]),
+    )
+    t = Table(title="memory: held-out exact match after eviction (mean ± std over 3 eval seeds)")
+    for col in ["variant", "all", *hops, "memory/scope", "FLOPs/slept token"]:
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    d = Table(title="accuracy by distance (chunks since the facts were evicted)")
+    for col in ["variant", *dists]:
+        d.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            t.add_row(r["variant"], r["status"], *[""] * (len(hops) + 2))
+            continue
+        acc = r["accuracy"]
+        t.add_row(
+            r["variant"],
+            _fmt(acc.get("all")),
+            *[_fmt(acc.get(h)) for h in hops],
+            f"{r['memory_bytes']['total'] / 1024:.1f} KiB",
+            f"{r['flops_per_consolidated_token'] / 1e6:.2f} M",
+        )
+        d.add_row(r["variant"], *[_fmt(acc.get(k)) for k in dists])
+    console = Console(width=160)
+    console.print(t)
+    console.print(d)
+
+
+def _fmt(v: dict[str, float] | None) -> str:
+    return "" if v is None else f"{v['mean']:.3f}±{v['std']:.3f}"
+
+
+def plot_results(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["variants"]:
+        if r["status"] != "ok":
+            continue
+        acc = r["accuracy"]
+        for ax, prefix in ((ax_d, "distance="), (ax_h, "hops=")):
+            keys = sorted(
+                (k for k in acc if k.startswith(prefix)), key=lambda k: int(k.split("=")[1])
+            )
+            xs = [int(k.split("=")[1]) for k in keys]
+            ax.errorbar(
+                xs,
+                [acc[k]["mean"] for k in keys],
+                yerr=[acc[k]["std"] for k in keys],
+                marker="o",
+                capsize=3,
+                label=r["variant"],
+            )
+    ax_d.set_xlabel("distance (chunks since the facts were evicted)")
+    ax_h.set_xlabel("hops")
+    for ax in (ax_d, ax_h):
+        ax.set_ylabel("exact match, held-out names")
+        ax.set_ylim(0, 1)
+    ax_h.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}, torch threads 1"

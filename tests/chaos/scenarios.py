@@ -1,0 +1,462 @@
+"""The chaos scenarios: drive a bounded load, inject one fault, check from the outside.
+
+Each function takes a started :class:`~tests.chaos.harness.Cluster` and a size, and returns
+an :class:`~tests.chaos.checker.Outcome` (one row of the table). The pytest tests assert on
+it; ``somna bench chaos`` runs the same functions with longer loads and prints the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES, SLEEP_JOBS
+from streams.records import FastWeightsPublished
+
+from .checker import Outcome, check, complete, registry_audit  # noqa: F401 (Outcome: re-exported)
+from .harness import Cluster
+from .load import LoadReport, Sent, UserLoad, forged, poison_records, send_forged, send_records
+
+
+@dataclass
+class Size:
+    """How much load a scenario drives."""
+
+    events: int = 120
+    rate: float = 8.0  # turns per second, all scopes together
+    scopes: int = 4
+    drain_s: float = 180.0  # how long to wait for every turn to be answered and stored
+
+
+QUICK = Size()
+LONG = Size(events=600, rate=15.0, scopes=8, drain_s=400.0)
+
+
+def new_scopes(name: str, n: int) -> list[str]:
+    tag = uuid.uuid4().hex[:6]
+    return [f"chaos-{name}-{tag}-{i}" for i in range(n)]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(poll)
+    return pred()
+
+
+def replies_for(cluster: Cluster, scopes: set[str]) -> list[dict]:
+    assert cluster.tail is not None
+    return [
+        r.value
+        for r in cluster.tail.records(REPLIES)
+        if r.value is not None and r.value.get("scope_id") in scopes
+    ]
+
+
+def jobs_for(cluster: Cluster, scopes: set[str]) -> list[dict]:
+    assert cluster.tail is not None
+    return [
+        r.value
+        for r in cluster.tail.records(SLEEP_JOBS)
+        if r.value is not None and r.value.get("scope_id") in scopes
+    ]
+
+
+def published_for(
+    cluster: Cluster, scopes: set[str], forged_versions: set[str] = frozenset()
+) -> list[dict]:
+    assert cluster.tail is not None
+    return [
+        r.value
+        for r in cluster.tail.records(FAST_WEIGHTS)
+        if r.value is not None
+        and r.value.get("scope_id") in scopes
+        and r.value.get("version") not in forged_versions
+    ]
+
+
+def drain(cluster: Cluster, turns: list[Sent], timeout: float) -> tuple[int, int]:
+    """Heal crashed parts (as a supervisor would) until every turn is through or timeout."""
+    deadline = time.time() + timeout
+    missing = (len(turns), len(turns))
+    while time.time() < deadline:
+        cluster.heal()
+        missing = complete(cluster.tail, cluster.history_dir, turns)
+        if missing == (0, 0):
+            break
+        time.sleep(2.0)
+    return missing
+
+
+def finish(
+    cluster: Cluster,
+    outcome: Outcome,
+    report: LoadReport,
+    scopes: list[str],
+    size: Size,
+    *,
+    fault_end: float | None,
+    other: list[Sent] = (),
+    forged_versions: set[str] = frozenset(),
+    crashes_before: dict[str, int] | None = None,
+) -> Outcome:
+    drain(cluster, report.turns, size.drain_s)
+    check(
+        outcome,
+        cluster.tail,
+        cluster.history_dir,
+        report.turns,
+        scopes=set(scopes),
+        other_sent=list(other),
+        forged_versions=forged_versions,
+        fault_end=fault_end,
+    )
+    outcome.send_errors += [f"{k}: {e[:160]}" for k, e in report.send_errors]
+    before = crashes_before or {}
+    outcome.restarts = sum(n - before.get(name, 0) for name, n in cluster.crashes().items())
+    outcome.details["crashes"] = {
+        k: v - before.get(k, 0) for k, v in cluster.crashes().items() if v - before.get(k, 0)
+    }
+    return outcome
+
+
+def _load(cluster: Cluster, name: str, size: Size) -> tuple[list[str], UserLoad]:
+    cluster.heal()
+    scopes = new_scopes(name, size.scopes)
+    load = UserLoad(
+        cluster.bootstrap,
+        scopes,
+        size.events,
+        rate=size.rate,
+        max_seconds=size.events / size.rate * 2 + 40,
+    )
+    return scopes, load
+
+
+# --- the scenarios ---------------------------------------------------------------------------
+
+
+def kill_stream_worker(cluster: Cluster, size: Size = QUICK) -> Outcome:
+    """kill -9 the inference worker mid-stream, restart it 2 s later."""
+    out = Outcome("kill -9 stream worker")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "stream", size)
+    load.start()
+    # Mid-stream: a third of the load is in and some of it has been answered.
+    wait_for(lambda: load.acked >= size.events // 3 and replies_for(cluster, set(scopes)), 120)
+    cluster.stream.kill9()
+    time.sleep(2.0)
+    cluster.stream.start()
+    fault_end = time.time()
+    report = load.join()
+    return finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+
+
+def kill_sleep_worker(cluster: Cluster, size: Size = QUICK) -> Outcome:
+    """kill -9 the sleep worker while it holds a job, restart it; each job ends in one version."""
+    out = Outcome("kill -9 sleep worker")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "sleep", size)
+    s = set(scopes)
+    load.start()
+    out.notes.append(_wait_registering(cluster, s))
+    cluster.sleep.kill9()
+    time.sleep(2.0)
+    cluster.sleep.start()
+    fault_end = time.time()
+    report = load.join()
+    finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+    _check_jobs(cluster, out, s, size.drain_s, fault_end)
+    return out
+
+
+# The MLflow client in the sleep worker logs this while it creates a model version.
+REGISTERING = (
+    "Waiting up to 300 seconds for model version to finish creation. Model name: somna-fw-"
+)
+
+
+def _wait_registering(cluster: Cluster, scopes: set[str], timeout: float = 120.0) -> str:
+    """Block until the sleep worker is mid-job: registering a version of one of ``scopes``
+    (seen in its log), else until a sleep job of theirs exists; says which it was."""
+    since = cluster.sleep.log_size()
+    if wait_for(lambda: cluster.sleep.log_says(REGISTERING + "chaos-", since), timeout, poll=0.05):
+        return "fault injected while the sleep worker registered a version"
+    if wait_for(lambda: bool(jobs_for(cluster, scopes)), 30):
+        time.sleep(0.5)
+        return "no registration seen in the sleep worker's log: fault injected after a sleep job"
+    return "no sleep job seen: fault injected anyway"
+
+
+def _check_jobs(
+    cluster: Cluster, out: Outcome, scopes: set[str], timeout: float, fault_end: float
+) -> None:
+    """Every sleep job of ``scopes`` ends in a published version covering it, and no job
+    yields two versions (a retried job must give the same version, never a second one)."""
+
+    def unfinished() -> list[dict]:
+        pubs = published_for(cluster, scopes)
+        return [
+            j
+            for j in jobs_for(cluster, scopes)
+            if not any(
+                p["scope_id"] == j["scope_id"] and int(p["watermark"]) >= int(j["to_watermark"])
+                for p in pubs
+            )
+        ]
+
+    def done() -> bool:
+        cluster.heal()  # a supervisor restarts a sleep worker that died on its own
+        return not unfinished()
+
+    wait_for(done, timeout, poll=2.0)
+    versions: dict[str, set[str]] = {}
+    for p in published_for(cluster, scopes):
+        versions.setdefault(p.get("job_id"), set()).add(str(p.get("version")))
+    after = [
+        r.received_at
+        for r in cluster.tail.records(FAST_WEIGHTS)
+        if r.value and r.value.get("scope_id") in scopes and r.received_at >= fault_end
+    ]
+    out.recover_fast_weights_s = round(min(after) - fault_end, 2) if after else None
+    doubled = {j: v for j, v in versions.items() if len(v) > 1}
+    audit = registry_audit(cluster.mlflow_uri, scopes)
+    out.details.update(audit)
+    out.duplicated += max(len(doubled), audit["jobs_registered_twice"])
+    out.misrouted += audit["registered_for_wrong_scope"]
+    out.details.update(
+        sleep_jobs=len({j["job_id"] for j in jobs_for(cluster, scopes)}),
+        versions_published=sum(len(v) for v in versions.values()),
+        jobs_with_two_versions=len(doubled),
+        jobs_unfinished=len(unfinished()),
+    )
+
+
+def broker_outage(cluster: Cluster, size: Size = QUICK, down_s: float = 10.0) -> Outcome:
+    """Stop the broker for ``down_s`` seconds under load, start it on the same data dir."""
+    out = Outcome(f"broker down {down_s:.0f} s")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "broker", size)
+    load.start()
+    wait_for(lambda: load.acked >= size.events // 3, 120)
+    cluster.kafka.stop()
+    time.sleep(down_s)
+    cluster.kafka.start()
+    fault_end = time.time()
+    report = load.join()
+    return finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+
+
+def mlflow_kill(cluster: Cluster, size: Size = QUICK, down_s: float = 3.0) -> Outcome:
+    """kill -9 the MLflow server when a sleep job is about to register, restart it."""
+    out = Outcome("kill -9 MLflow server")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "mlflow", size)
+    s = set(scopes)
+    load.start()
+    out.notes.append(_wait_registering(cluster, s))
+    cluster.mlflow.kill9()
+    time.sleep(down_s)
+    cluster.mlflow.start()
+    cluster.wait_mlflow()
+    fault_end = time.time()
+    report = load.join()
+    finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+    _check_jobs(cluster, out, s, size.drain_s, fault_end)
+    return out
+
+
+def disk_full(cluster: Cluster, size: Size = QUICK, full_s: float = 6.0) -> Outcome:
+    """Fill the workers' data dir (a tmpfs) while the history writes Parquet, then free it."""
+    out = Outcome("disk full")
+    if cluster.tmpfs is None:
+        out.notes.append(f"no tmpfs: {getattr(cluster, 'tmpfs_error', 'not mounted')}")
+        return out
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "disk", size)
+    load.start()
+    wait_for(lambda: load.acked >= size.events // 4, 120)
+    filler = cluster.fill_disk()
+    deadline = time.time() + full_s
+    while time.time() < deadline:
+        cluster.heal()  # a supervisor restarts what the full disk kills
+        time.sleep(1.0)
+    filler.unlink()
+    fault_end = time.time()
+    report = load.join()
+    return finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+
+
+def poison(cluster: Cluster, size: Size = QUICK, rounds: int = 3) -> Outcome:
+    """Bad input at a steady rate between good turns; the worker must go on."""
+    out = Outcome("poison inputs")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "poison", size)
+    load.start()
+    bad = LoadReport()
+    period = size.events / size.rate / (rounds + 1)
+    for i in range(rounds):
+        time.sleep(period)
+        # The 10 MB text once: the broker's message.max.bytes is expected to refuse it.
+        recs = [r for r in poison_records(scopes[0]) if i == 0 or r[0] != "huge_text"]
+        got = asyncio.run(send_records(cluster.bootstrap, recs))
+        bad.sent += got.sent
+        bad.send_errors += got.send_errors
+    fault_end = time.time()
+    report = load.join()
+    finish(
+        cluster,
+        out,
+        report,
+        scopes,
+        size,
+        fault_end=fault_end,
+        other=bad.sent,
+        crashes_before=before,
+    )
+    out.send_errors += [f"{k}: {e[:160]}" for k, e in bad.send_errors]
+    letters = _letters_for(cluster, bad.sent)
+    by_kind: dict[str, str] = {}
+    for s in bad.sent:
+        by_kind.setdefault(s.kind, "")
+        if (s.topic, s.partition, s.offset) in letters:
+            by_kind[s.kind] = "dead-lettered"
+    for kind, err in bad.send_errors:
+        by_kind[kind] = "refused by the producer/broker: " + err.split(":")[0]
+    out.details["poison"] = {k: v or "no dead letter" for k, v in by_kind.items()}
+    out.details["poison_sent"] = len(bad.sent)
+    out.details["poison_not_dead_lettered"] = sum(
+        1
+        for s in bad.sent
+        if s.topic == INTERACTIONS and (s.topic, s.partition, s.offset) not in letters
+    )
+    out.details["path_scope_leaked"] = _path_scope_leaked(cluster)
+    return out
+
+
+def _letters_for(cluster: Cluster, sent: list[Sent]) -> set[tuple[str, int, int]]:
+    from infra.topics import DEAD_LETTERS
+
+    assert cluster.tail is not None
+    ours = {(s.topic, s.partition, s.offset) for s in sent}
+    found = set()
+    for d in cluster.tail.records(DEAD_LETTERS):
+        if d.value:
+            k = (d.value.get("source_topic"), d.value.get("partition"), d.value.get("offset"))
+            if k in ours:
+                found.add(k)
+    return found
+
+
+def _path_scope_leaked(cluster: Cluster) -> list[str]:
+    """Anything the `../x` scope left: a reply, a history row, or a path named `x`."""
+    from .checker import history_rows
+
+    leaks = [f"reply {r.get('reply_id')}" for r in replies_for(cluster, {"../x"})]
+    leaks += [
+        f"history row {r['event_id']}"
+        for r in history_rows(cluster.history_dir)
+        if r["scope_id"] == "../x"
+    ]
+    leaks += [str(p) for p in cluster.root.rglob("x")]
+    return leaks
+
+
+def forged_fast_weights(cluster: Cluster, size: Size = QUICK) -> Outcome:
+    """A FastWeightsPublished naming scope A's artifact for scope B, and one for A with a bad
+    sha256: the agent must refuse both and keep serving each scope's previous version."""
+    out = Outcome("forged fast weights")
+    before = cluster.crashes()
+    scopes, load = _load(cluster, "forge", size)
+    a, b = scopes[0], scopes[1]
+    load.start()
+    if not wait_for(lambda: bool(published_for(cluster, {a})), size.drain_s, poll=1.0):
+        load.stop()
+        report = load.join()
+        out.notes.append("scope A never got a fast-weights version: nothing to forge from")
+        return finish(cluster, out, report, scopes, size, fault_end=None, crashes_before=before)
+    genuine = FastWeightsPublished.model_validate(published_for(cluster, {a})[-1])
+    to_b = forged(genuine, scope_id=b)  # A's artifact (right sha256) announced for B
+    bad_sha = forged(genuine, sha256="0" * 64)  # A's own artifact with a wrong sha256
+    fakes = {to_b.version, bad_sha.version}
+    sent_b = send_forged(cluster.bootstrap, [to_b], "forged_other_scope")
+    sent_a = send_forged(cluster.bootstrap, [bad_sha], "forged_bad_sha256")
+    fault_end = time.time()
+    report = load.join()
+    finish(
+        cluster,
+        out,
+        report,
+        scopes,
+        size,
+        fault_end=fault_end,
+        other=sent_b.sent + sent_a.sent,
+        forged_versions=fakes,
+        crashes_before=before,
+    )
+    # After the forgery each scope still serves one of its own genuine versions (or none yet).
+    served_after = [
+        r for r in replies_for(cluster, {a, b}) if float(r.get("ts", 0)) > fault_end + 1.0
+    ]
+    own = {sc: {str(p["version"]) for p in published_for(cluster, {sc}, fakes)} for sc in (a, b)}
+    wrong = [
+        r
+        for r in served_after
+        if r.get("fast_weights_version") is not None
+        and str(r["fast_weights_version"]) not in own[r["scope_id"]]
+    ]
+    regressed = [
+        r for r in served_after if r["scope_id"] == a and r.get("fast_weights_version") is None
+    ]
+    audit = registry_audit(cluster.mlflow_uri, {a, b})
+    out.misrouted += audit["registered_for_wrong_scope"]
+    out.details.update(
+        **audit,
+        forged_versions=sorted(fakes),
+        replies_after_forgery=len(served_after),
+        served_foreign_or_forged=len(wrong),
+        scope_a_dropped_its_version=len(regressed),
+    )
+    return out
+
+
+ALL: dict[str, Callable[..., Outcome]] = {
+    "kill_stream_worker": kill_stream_worker,
+    "kill_sleep_worker": kill_sleep_worker,
+    "broker_outage": broker_outage,
+    "mlflow_kill": mlflow_kill,
+    "disk_full": disk_full,
+    "poison": poison,
+    "forged_fast_weights": forged_fast_weights,
+}
+
+
+def warm_up(cluster: Cluster, timeout: float = 300.0) -> float:
+    """One turn through the whole pipeline before the faults start; seconds it took."""
+    began = time.time()
+    scope = new_scopes("warmup", 1)
+    load = UserLoad(cluster.bootstrap, scope, 1, rate=1.0).start()
+    report = load.join(60)
+
+    def through() -> bool:
+        if not all(p.alive for p in cluster.workers):
+            return True  # a worker died while starting: no point in waiting
+        return bool(report.turns) and complete(cluster.tail, cluster.history_dir, report.turns) == (
+            0,
+            0,
+        )
+
+    ok = wait_for(through, timeout, poll=1.0)
+    if not ok or not all(p.alive for p in cluster.workers):
+        raise RuntimeError(
+            "the warm-up turn got no reply and history row in time\n--- stream worker:\n"
+            + cluster.stream.tail()
+            + "\n--- sleep worker:\n"
+            + cluster.sleep.tail()
+        )
+    return time.time() - began
