@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from infra.errors import SetupError
-from infra.ports import port_is_free, who_listens
+from infra.ports import free_port, port_is_free, who_listens
 from infra.process import pid_alive, spawn, tail, terminate
 from infra.sync import run_sync
 
@@ -293,6 +293,9 @@ class EmbeddedKafka:
     """
 
     def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
+        """Port 0 picks a free one (tests)."""
+        port = port or free_port()
+        controller_port = controller_port or free_port()
         if port == controller_port:
             raise SetupError(f"the broker and controller ports are both {port}: pick two")
         self.data_dir = Path(data_dir).resolve()  # the JVM must not depend on our cwd
@@ -428,10 +431,13 @@ class EmbeddedKafka:
         assert self._proc is not None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                logs = f"{tail(self.log_file)}\n{tail(self.kafka_dir / 'stdout.log', 10)}"
+                hint = ""
+                if "Address already in use" in logs:
+                    hint = " (a port was taken while the JVM started: pick other ports)"
                 raise SetupError(
-                    f"the Kafka broker exited with code {self._proc.returncode} while starting; "
-                    f"the end of {self.log_file}:\n{tail(self.log_file)}\n"
-                    f"{tail(self.kafka_dir / 'stdout.log', 10)}"
+                    f"the Kafka broker exited with code {self._proc.returncode} while "
+                    f"starting{hint}; the end of {self.log_file}:\n{logs}"
                 )
             if broker_answers(self.bootstrap):
                 return

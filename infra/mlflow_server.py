@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from infra.errors import SetupError
-from infra.ports import port_is_free, who_listens
+from infra.ports import free_port, port_is_free, who_listens
 from infra.process import spawn, tail, terminate
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class MlflowServer:
     def __init__(self, data_dir: Path, port: int = 5000, workers: int = 1) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.mlflow_dir = self.data_dir / "mlflow"
-        self.port = port
+        self.port = port or free_port()  # 0 picks a free one (tests)
         # One worker: sqlite serialises writes anyway, and the machine is shared with torch.
         self.workers = workers
         self.start_seconds: float | None = None

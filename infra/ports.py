@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from pathlib import Path
 
+# Not the global `random`: tests seed it, and two seeded processes must not pick alike.
+_rng = random.SystemRandom()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS picks it; a race is possible but rare)."""
+    """A port nobody listens on right now, for a server we are about to start.
+
+    Chosen at random *below* the ephemeral range: a port the OS picks with bind(0) may be
+    taken as the local end of some outgoing connection in the seconds before a JVM binds it.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _rng.randrange(20_000, low) if low > 21_000 else _rng.randrange(20_000, 30_000)
+        if port_is_free(port, host):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

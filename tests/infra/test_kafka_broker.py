@@ -34,10 +34,11 @@ async def consume_all(
     expected: int,
     *,
     isolation_level: str = "read_uncommitted",
-    max_empty_polls: int = 3,
+    patience_polls: int = 20,
 ) -> list[tuple[bytes | None, bytes]]:
-    """Read a topic from the start through a fresh consumer group, until ``expected`` messages
-    arrived or the topic has stayed quiet for a few polls."""
+    """Read a topic from the start through a fresh consumer group: ``expected`` messages
+    and one quiet poll after them (to catch extras), or whatever came before the topic
+    stayed quiet for ``patience_polls`` seconds."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -48,15 +49,13 @@ async def consume_all(
     )
     await consumer.start()
     got: list[tuple[bytes | None, bytes]] = []
-    empty = 0
+    quiet = 0
     try:
-        while len(got) < expected or empty < 1:
+        while quiet < patience_polls and not (len(got) >= expected and quiet >= 1):
             batch = await consumer.getmany(timeout_ms=1000)
             records = [r for rs in batch.values() for r in rs]
             got += [(r.key, r.value) for r in records]
-            empty = 0 if records else empty + 1
-            if empty >= max_empty_polls and (got or empty >= 10):
-                break
+            quiet = 0 if records else quiet + 1
         await consumer.commit()
     finally:
         await consumer.stop()
