@@ -10,6 +10,7 @@ version), restarts a supervisor had to make. The goal is zero lost and zero misr
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sys
@@ -70,8 +71,7 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
     harness, scenarios = _scenarios()
     size = scenarios.QUICK if quick else scenarios.LONG
     console = Console()
-    root = harness.new_root("somna-bench-chaos-")
-    cluster = harness.Cluster(root)
+    cluster = harness.Cluster(harness.new_root("somna-bench-chaos-"))
     rows: list[dict] = []
     began = time.time()
     try:
@@ -84,6 +84,12 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
                 continue
             with console.status(f"scenario {name}"):
                 try:
+                    scenarios.warm_up(cluster, timeout=90)
+                except RuntimeError:  # an earlier scenario wedged a part: start afresh
+                    console.print("cluster wedged by the previous scenario: starting a fresh one")
+                    cluster.reset()
+                    scenarios.warm_up(cluster)
+                try:
                     out = fn(cluster, size).as_dict()
                 except Exception as e:  # one broken scenario must not hide the others
                     out = scenarios.Outcome(name, notes=[f"harness error: {e!r}"]).as_dict()
@@ -94,7 +100,8 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
             )
     finally:
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("SOMNA_CHAOS_KEEP"):
+            shutil.rmtree(cluster.root, ignore_errors=True)
     console.print(table(rows))
     result = {
         "benchmark": "chaos",
@@ -110,8 +117,6 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 

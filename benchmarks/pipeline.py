@@ -70,9 +70,15 @@ def services(tmp: Path, need_mlflow: bool) -> Iterator[tuple[str, str | None]]:
         yield bootstrap, uri
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115  # fmt: skip
+def spawn(args: list[str], env: dict[str, str], log: Path, nice: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )  # noqa: SIM115
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -88,18 +94,28 @@ def stop(proc: subprocess.Popen) -> None:
 def worker_env(bootstrap: str, uri: str | None, tmp: Path, engine: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        SOMNA_KAFKA_BOOTSTRAP=bootstrap, SOMNA_PARTITIONS=str(PARTITIONS),
-        SOMNA_DATA_DIR=str(tmp / "data"), SOMNA_STREAM_GROUP=f"bench-{uuid.uuid4().hex[:8]}",
-        SOMNA_STREAM_ENGINE=engine, SOMNA_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1",
-    )  # fmt: skip
+        SOMNA_KAFKA_BOOTSTRAP=bootstrap,
+        SOMNA_PARTITIONS=str(PARTITIONS),
+        SOMNA_DATA_DIR=str(tmp / "data"),
+        SOMNA_STREAM_GROUP=f"bench-{uuid.uuid4().hex[:8]}",
+        SOMNA_STREAM_ENGINE=engine,
+        SOMNA_LOG_LEVEL="WARNING",
+        OMP_NUM_THREADS="1",
+    )
     if uri:
         env["SOMNA_MLFLOW_URI"] = uri
     return env
 
 
 def user_turn(scope: str, text: str) -> Interaction:
-    return Interaction(event_id=uuid.uuid4().hex, scope_id=scope, session_id="bench",
-                       role="user", text=text, ts=now())  # fmt: skip
+    return Interaction(
+        event_id=uuid.uuid4().hex,
+        scope_id=scope,
+        session_id="bench",
+        role="user",
+        text=text,
+        ts=now(),
+    )
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
@@ -141,16 +157,22 @@ async def raw_loop(bootstrap: str, start: dict[TopicPartition, int], n: int) -> 
         done, t0 = 0, None
         while done < n:
             batches = await c.getmany(timeout_ms=1000, max_records=500)
-            t0 = t0 or time.perf_counter()
+            if t0 is None and any(batches.values()):
+                t0 = time.perf_counter()  # from the first record, as for the agent
             futs = []
             for records in batches.values():
                 for r in records:
                     e = decode(r.value, Interaction)
-                    reply = Reply(reply_id=reply_id_for(e.event_id), event_id=e.event_id,
-                                  scope_id=e.scope_id, text="ok", base_model_version="raw",
-                                  latency_ms=0.0, ts=now())  # fmt: skip
-                    futs.append(await p.send(REPLIES, reply.to_bytes(),
-                                             key=e.scope_id.encode()))  # fmt: skip
+                    reply = Reply(
+                        reply_id=reply_id_for(e.event_id),
+                        event_id=e.event_id,
+                        scope_id=e.scope_id,
+                        text="ok",
+                        base_model_version="raw",
+                        latency_ms=0.0,
+                        ts=now(),
+                    )
+                    futs.append(await p.send(REPLIES, reply.to_bytes(), key=e.scope_id.encode()))
                     done += 1
             await asyncio.gather(*futs)
             await c.commit()
@@ -187,15 +209,23 @@ def throughput(bootstrap: str, tmp: Path, n: int) -> dict:
     start = asyncio.run(end_offsets(bootstrap, INTERACTIONS))
     asyncio.run(produce_backlog(bootstrap, n, tag))
     raw = asyncio.run(raw_loop(bootstrap, start, n))
-    worker = spawn(["-m", "streams.worker", "agent"], worker_env(bootstrap, None, tmp, "null"),
-                   tmp / "worker-null.log")  # fmt: skip
+    worker = spawn(
+        ["-m", "streams.worker", "agent"],
+        worker_env(bootstrap, None, tmp, "null"),
+        tmp / "worker-null.log",
+    )
     try:
         # The worker reads its new group's backlog from the earliest offset; we time ours.
         agent = asyncio.run(agent_rate(bootstrap, start, n, tag))
     finally:
         stop(worker)
-    return {"events": n, "raw_events_per_s": raw, "agent_events_per_s": agent,
-            "ratio": agent / raw, "target_ratio": 0.5}  # fmt: skip
+    return {
+        "events": n,
+        "raw_events_per_s": raw,
+        "agent_events_per_s": agent,
+        "ratio": agent / raw,
+        "target_ratio": 0.5,
+    }
 
 
 # --- 2. latency under a sleep load ------------------------------------------------------
@@ -272,10 +302,17 @@ def latency(bootstrap: str, uri: str, tmp: Path, users: int, turns: int) -> dict
     try:
         tag = uuid.uuid4().hex[:6]
         asyncio.run(closed_loop(bootstrap, [f"lat-{tag}-warm"], 3))  # model load, first calls
-        for phase in ("idle", "sleep_load"):
+        # Sleep load as its own process (sleep never runs in the agent): at the same CPU
+        # priority, and at nice 19 (how a one-box deployment would run its sleep worker).
+        for phase, nice in (("idle", None), ("sleep_load", 0), ("sleep_load_nice19", 19)):
             load = None
-            if phase == "sleep_load":
-                load = spawn(["-m", "benchmarks.pipeline", "--sleep-load", uri], env, tmp / "load.log")
+            if nice is not None:
+                load = spawn(
+                    ["-m", "benchmarks.pipeline", "--sleep-load", uri],
+                    env,
+                    tmp / f"{phase}.log",
+                    nice=nice,
+                )
                 time.sleep(5)  # let it load the model and start sleeping
             try:
                 scopes = [f"lat-{tag}-{phase}-{u}" for u in range(users)]
@@ -283,11 +320,16 @@ def latency(bootstrap: str, uri: str, tmp: Path, users: int, turns: int) -> dict
             finally:
                 if load is not None:
                     stop(load)
-            out[phase] = {"p50_ms": pct(ms, 0.5), "p99_ms": pct(ms, 0.99),
-                          "mean_ms": statistics.fmean(ms), "n": len(ms)}  # fmt: skip
+            out[phase] = {
+                "p50_ms": pct(ms, 0.5),
+                "p99_ms": pct(ms, 0.99),
+                "mean_ms": statistics.fmean(ms),
+                "n": len(ms),
+            }
     finally:
         stop(worker)
     out["p99_ratio"] = out["sleep_load"]["p99_ms"] / out["idle"]["p99_ms"]
+    out["p99_ratio_nice19"] = out["sleep_load_nice19"]["p99_ms"] / out["idle"]["p99_ms"]
     out["target_p99_ratio"] = 1.1
     return out
 
@@ -331,10 +373,16 @@ def _print(result: dict) -> None:
     t.add_row("agent / raw", f"{tp['ratio']:.2f}", ">= 0.5")
     if "latency" in result:
         lat = result["latency"]
-        for phase in ("idle", "sleep_load"):
-            t.add_row(f"turn latency p50 / p99, ms ({phase})",
-                      f"{lat[phase]['p50_ms']:.0f} / {lat[phase]['p99_ms']:.0f}", "")  # fmt: skip
+        for phase in ("idle", "sleep_load", "sleep_load_nice19"):
+            t.add_row(
+                f"turn latency p50 / p99, ms ({phase})",
+                f"{lat[phase]['p50_ms']:.0f} / {lat[phase]['p99_ms']:.0f}",
+                "",
+            )
         t.add_row("p99 with sleep load / without", f"{lat['p99_ratio']:.2f}", "<= 1.1")
+        t.add_row(
+            "p99 with nice-19 sleep load / without", f"{lat['p99_ratio_nice19']:.2f}", "<= 1.1"
+        )
     console.print(t)
 
 

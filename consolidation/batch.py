@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from consolidation.registry import BaseModel, Lineage
 from streams.records import FastWeightsPublished
 
 log = logging.getLogger(__name__)
+
+REGISTER_THREADS = 4  # scopes registered concurrently (each is a few HTTP round trips)
 
 
 @dataclass
@@ -137,9 +140,10 @@ def run_batch(
     n_params = sum(p.numel() for p in base.lm.parameters())
     cost.flops = estimate_flops(n_params, cost.tokens, passes)
 
-    published = []
     with tempfile.TemporaryDirectory(prefix="somna-sleep-") as tmp:
-        for task, weights in zip(tasks, new_weights, strict=True):
+
+        def register(item: tuple[SleepTask, dict[str, Any]]) -> FastWeightsPublished:
+            task, weights = item
             lin = task.lineage
             tensors, meta = artifact_of(base, weights, lin)
             local = (
@@ -149,14 +153,16 @@ def run_batch(
             )
             registry.write_artifact(local, tensors, meta)
             pub = registry.register_fast_weights(
-                tracking_uri,
-                run_id=run_id,
-                local_file=local,
-                lineage=lin,
-                extra_tags=task.extra_tags,
-            )
-            published.append(pub)
+                tracking_uri, run_id=run_id, local_file=local, lineage=lin,
+                extra_tags=task.extra_tags, run_artifact_uri=run.info.artifact_uri,
+            )  # fmt: skip
+            registry.remember(tracking_uri, pub, tensors, meta)
             metrics.VERSIONS.inc()
+            return pub
+
+        # Registering is a few round trips to the tracking server per scope: overlap them.
+        with ThreadPoolExecutor(REGISTER_THREADS) as pool:
+            published = list(pool.map(register, zip(tasks, new_weights, strict=True)))
     cost.wall_seconds = wall.seconds()
     c.log_batch(run_id, metrics=_mlflow_metrics(cost))
     c.set_terminated(run_id)

@@ -23,7 +23,7 @@ from consolidation import registry
 from consolidation.batch import SleepTask
 from consolidation.exceptions import HistoryError
 from consolidation.registry import BaseModel, Lineage
-from consolidation.turns import Turn, chunk_turns, scope_turns
+from consolidation.turns import TopicReader, Turn, chunk_turns, partition_for, scope_turns
 from infra.settings import Settings
 from streams.records import FastWeightsPublished, SleepJob
 
@@ -63,7 +63,11 @@ def _lineage_chain(uri: str, scope_id: str, live: FastWeightsPublished) -> list[
 
 
 async def plan_job(
-    settings: Settings, base: BaseModel, job: SleepJob, partition: int | None
+    settings: Settings,
+    base: BaseModel,
+    job: SleepJob,
+    partition: int | None,
+    reader: TopicReader | None = None,
 ) -> Plan:
     uri = settings.tracking_uri
     scope = job.scope_id
@@ -93,7 +97,7 @@ async def plan_job(
     lo = parent.watermark + 1 if parent else 0
     tail_floor = lo if parent or rebuild else job.from_watermark
     turns = await scope_turns(
-        history_dir=settings.history_dir, bootstrap=settings.bootstrap, scope_id=scope,
+        history_dir=settings.history_dir, reader=reader, scope_id=scope,
         partition=partition, lo=lo, hi=job.to_watermark, retracted=retracted, tail_floor=tail_floor,
     )  # fmt: skip
     if not rebuild and job.to_watermark not in {t.offset for t in turns}:
@@ -151,6 +155,7 @@ async def plan_rebuild(
     partition: int | None = None,
     retracted_event: str | None = None,
     retracted_offset: int | None = None,
+    reader: TopicReader | None = None,
 ) -> Plan:
     """Replay a scope's history after a snapshot: zeros for a whole-history rebuild, or the
     last version in the live lineage whose watermark is before ``retracted_offset``."""
@@ -185,8 +190,10 @@ async def plan_rebuild(
                 break
     retracted = await asyncio.to_thread(registry.retracted_event_ids, uri, scope)
     lo = snapshot.watermark + 1 if snapshot else 0
+    if partition is None and reader is not None:
+        partition = partition_for(scope, settings.partitions)
     turns = await scope_turns(
-        history_dir=settings.history_dir, bootstrap=settings.bootstrap, scope_id=scope,
+        history_dir=settings.history_dir, reader=reader, scope_id=scope,
         partition=partition, lo=lo, hi=live.watermark, retracted=retracted, tail_floor=lo,
     )  # fmt: skip
     extra = {"retracted_event_id": retracted_event} if retracted_event else {}

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,19 +314,36 @@ def find_version_by_job(tracking_uri: str, scope_id: str, job_id: str) -> ModelV
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
-def upload_artifact(tracking_uri: str, run_id: str, scope_id: str, local_file: Path) -> str:
-    """Upload a scope's artifact into a run and return its URI, after checking it arrived whole."""
+def upload_artifact(
+    tracking_uri: str,
+    run_id: str,
+    scope_id: str,
+    job_id: str,
+    local_file: Path,
+    *,
+    run_artifact_uri: str | None = None,
+) -> str:
+    """Upload a scope's artifact into a run and return its URI, after checking it arrived whole.
+
+    The path holds the scope and the job, so no upload ever replaces another version's file.
+    ``run_artifact_uri`` (the run's artifact root) saves a lookup of the run per upload.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     c = client(tracking_uri)
-    sub = f"fast_weights/{fast_weights_model_name(scope_id)}"
-    c.log_artifact(run_id, str(local_file), artifact_path=sub)
+    root = run_artifact_uri or c.get_run(run_id).info.artifact_uri
+    job = fast_weights_model_name(job_id)[len(FAST_WEIGHTS_PREFIX) :]  # same safe encoding
+    sub = f"fast_weights/{fast_weights_model_name(scope_id)}/{job}"
+    repo = get_artifact_repository(root, tracking_uri=tracking_uri)
+    repo.log_artifact(str(local_file), sub)
     size = local_file.stat().st_size
-    listed = {f.path.rsplit("/", 1)[-1]: f.file_size for f in c.list_artifacts(run_id, sub)}
+    listed = {f.path.rsplit("/", 1)[-1]: f.file_size for f in repo.list_artifacts(sub)}
     if listed.get(local_file.name) != size:
         raise ArtifactRejected(
             f"upload of {local_file.name} for scope {scope_id!r} incomplete: "
             f"{listed.get(local_file.name)} of {size} bytes"
         )
-    return f"{c.get_run(run_id).info.artifact_uri}/{sub}/{local_file.name}"
+    return f"{root}/{sub}/{local_file.name}"
 
 
 def register_fast_weights(
@@ -336,6 +354,7 @@ def register_fast_weights(
     lineage: Lineage,
     move_live: bool = True,
     extra_tags: dict[str, str] | None = None,
+    run_artifact_uri: str | None = None,
 ) -> FastWeightsPublished:
     """Register an artifact file as a new version of its scope (idempotent per job id).
 
@@ -343,6 +362,8 @@ def register_fast_weights(
     exists, so a half-written artifact is never registered; a retry of the same job finds
     the version by its ``job_id`` tag and reuses it.
     """
+    from mlflow.exceptions import MlflowException
+
     c = client(tracking_uri)
     name = fast_weights_model_name(lineage.scope_id)
     existing = find_version_by_job(tracking_uri, lineage.scope_id, lineage.job_id)
@@ -351,17 +372,30 @@ def register_fast_weights(
         mv = existing
     else:
         sha = sha256_file(local_file)
-        uri = upload_artifact(tracking_uri, run_id, lineage.scope_id, local_file)
-        _ensure_registered_model(
-            c, name, {"scope_id": lineage.scope_id, "somna.kind": "fast-weights"}
-        )
-        mv = c.create_model_version(
-            name,
-            source=uri.rsplit("/", 1)[0],
-            run_id=run_id,
-            tags={**(extra_tags or {}), **lineage.tags(sha, uri)},
-            description=f"sleep of {lineage.scope_id} up to offset {lineage.to_watermark}",
-        )
+        uri = upload_artifact(
+            tracking_uri, run_id, lineage.scope_id, lineage.job_id, local_file,
+            run_artifact_uri=run_artifact_uri,
+        )  # fmt: skip
+
+        def create() -> ModelVersion:
+            return c.create_model_version(
+                name,
+                source=uri.rsplit("/", 1)[0],
+                run_id=run_id,
+                tags={**(extra_tags or {}), **lineage.tags(sha, uri)},
+                description=f"sleep of {lineage.scope_id} up to offset {lineage.to_watermark}",
+                await_creation_for=0,  # the version of a file source is READY at once
+            )
+
+        try:
+            mv = create()
+        except MlflowException as e:  # the scope's first version: create its model first
+            if not _is_missing(e):
+                raise
+            _ensure_registered_model(
+                c, name, {"scope_id": lineage.scope_id, "somna.kind": "fast-weights"}
+            )
+            mv = create()
     if move_live:
         c.set_registered_model_alias(name, LIVE, mv.version)
     return published(mv)
@@ -464,6 +498,9 @@ def load_fast_weights(
             f"event for {expected_scope!r} v{published.version} does not match the registry "
             "(sha256 or artifact uri differ)"
         )
+    cached = _cache_get(tracking_uri, expected_scope, published)
+    if cached is not None:
+        return cached
     with tempfile.TemporaryDirectory(prefix="somna-fw-") as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(
@@ -492,14 +529,35 @@ def load_fast_weights(
                 raise ArtifactRejected(str(e)) from e
         else:
             tensors = load_file(str(local), device="cpu")
-    return FastWeights(
-        scope_id=expected_scope,
-        version=str(published.version),
-        tensors=tensors,
-        metadata=metadata,
-        watermark=published.watermark,
-        base_model_version=published.base_model_version,
+    remember(tracking_uri, published, tensors, metadata)
+    return _cache_get(tracking_uri, expected_scope, published)  # type: ignore[return-value]
+
+
+# A few thousand verified artifacts kept in memory: a sleep worker's next job of a scope
+# starts from the version it registered itself, and need not download it again. Keyed by
+# the sha256 the registry holds, so the registry checks above still run on every load.
+_CACHE: OrderedDict[tuple[str, str, str, str], FastWeights] = OrderedDict()
+_CACHE_SIZE = 4096
+
+
+def _cache_get(uri: str, scope: str, pub: FastWeightsPublished) -> FastWeights | None:
+    key = (uri, scope, pub.version, pub.sha256)
+    fw = _CACHE.get(key)
+    if fw is not None:
+        _CACHE.move_to_end(key)
+    return fw
+
+
+def remember(
+    uri: str, pub: FastWeightsPublished, tensors: dict[str, Any], metadata: dict[str, str]
+) -> None:
+    """Cache what this process just registered (the tensors it wrote, not a download)."""
+    key = (uri, pub.scope_id, pub.version, pub.sha256)
+    _CACHE[key] = FastWeights(
+        pub.scope_id, pub.version, tensors, metadata, pub.watermark, pub.base_model_version
     )
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
 
 
 # --- retractions: tombstones the sleep workers honour --------------------------------------

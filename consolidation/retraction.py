@@ -24,6 +24,7 @@ from consolidation.batch import run_batch
 from consolidation.planner import Plan, plan_rebuild
 from consolidation.purge import PurgeResult, purge_event
 from consolidation.registry import BaseModel
+from consolidation.turns import TopicReader
 from infra.settings import Settings
 from streams.records import FastWeightsPublished
 
@@ -58,6 +59,7 @@ async def apply(
     *,
     partition: int | None = None,
     device: str | None = None,
+    reader: TopicReader | None = None,
 ) -> RetractionResult:
     """Purge, record, rebuild. Returns what to publish (None when nothing was consolidated)."""
     purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
@@ -66,7 +68,7 @@ async def apply(
     )
     plan = await plan_rebuild(
         settings, base, scope_id, partition=partition if partition is not None else purge.partition,
-        retracted_event=event_id, retracted_offset=purge.offset,
+        retracted_event=event_id, retracted_offset=purge.offset, reader=reader,
     )  # fmt: skip
     published = await _execute(settings, base, plan, device)
     metrics.RETRACTIONS.inc()
@@ -104,7 +106,11 @@ def retract(
 
     async def main() -> RetractionResult:
         base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
-        result = await apply(settings, base, scope_id, event_id, reason)
+        reader = await TopicReader(settings.bootstrap).start()
+        try:
+            result = await apply(settings, base, scope_id, event_id, reason, reader=reader)
+        finally:
+            await reader.stop()
         if publish:
             if result.published is not None:
                 await publish_events(settings.bootstrap, [result.published])
@@ -125,7 +131,11 @@ def rebuild(
 
     async def main() -> FastWeightsPublished | None:
         base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
-        published = await rebuild_async(settings, base, scope_id)
+        reader = await TopicReader(settings.bootstrap).start()
+        try:
+            published = await rebuild_async(settings, base, scope_id, reader=reader)
+        finally:
+            await reader.stop()
         if publish and published is not None:
             await publish_events(settings.bootstrap, [published])
         return published

@@ -21,12 +21,16 @@ async def rollback_async(
     """Point ``live`` at ``version`` (raises VersionNotFound) and publish it."""
     from consolidation.publish import publish as publish_events
 
-    published = await asyncio.to_thread(registry.set_live, settings.tracking_uri, scope_id, str(version))
+    published = await asyncio.to_thread(
+        registry.set_live, settings.tracking_uri, scope_id, str(version)
+    )
     if publish:
         await publish_events(settings.bootstrap, [published])
     return published
 
 
-def rollback(settings: Settings, scope_id: str, version: str, *, publish: bool = True) -> FastWeightsPublished:
+def rollback(
+    settings: Settings, scope_id: str, version: str, *, publish: bool = True
+) -> FastWeightsPublished:
     """Synchronous :func:`rollback_async` (CLI)."""
     return asyncio.run(rollback_async(settings, scope_id, version, publish=publish))

@@ -29,6 +29,7 @@ from consolidation.batch import pick_device, run_batch
 from consolidation.exceptions import HistoryError
 from consolidation.planner import Plan, plan_job
 from consolidation.publish import make_producer, send_all
+from consolidation.turns import TopicReader
 from infra.settings import Settings
 from infra.topics import DEAD_LETTERS, RETRACTIONS, SLEEP_JOBS
 from streams.records import FastWeightsPublished, Retraction, SleepJob
@@ -70,6 +71,7 @@ class SleepWorker:
         self.max_batch_tokens = max_batch_tokens
         self.accept = accept or (lambda scope: True)
         self.device = device or pick_device()
+        self.reader = TopicReader(settings.bootstrap)
         self.dlq = DeadLetterPolicy(
             lambda key, value: producer.send_and_wait(DEAD_LETTERS, key=key, value=value),
             max_text_bytes=settings.max_text_bytes,
@@ -111,7 +113,7 @@ class SleepWorker:
     async def _plan(self, job: SleepJob, partition: int) -> Plan | None:
         for attempt in range(PLAN_RETRIES):
             try:
-                return await plan_job(self.settings, self.base, job, partition)
+                return await plan_job(self.settings, self.base, job, partition, self.reader)
             except HistoryError as e:
                 log.info("job %s not ready (%s), try %d", job.job_id, e, attempt + 1)
                 await asyncio.sleep(1.0)
@@ -130,7 +132,7 @@ class SleepWorker:
                 run_batch, self.settings.tracking_uri, self.base, tasks,
                 passes=self.settings.sleep_passes, device=self.device,
             )  # fmt: skip
-        fault_point("after_register")
+            fault_point("after_register")
         for p in group.plans:
             metrics.JOBS.labels(outcome=p.outcome).inc()
         if done or published:
@@ -149,7 +151,7 @@ class SleepWorker:
             return
         result = await apply(
             self.settings, self.base, event.scope_id, event.event_id, event.reason,
-            partition=rec.partition, device=self.device,
+            partition=rec.partition, device=self.device, reader=self.reader,
         )  # fmt: skip
         if result.published is not None:
             await send_all(self.producer, [result.published])
@@ -227,6 +229,7 @@ async def run_async(
                 await _rewind(consumer)
                 await asyncio.sleep(min(30.0, 2.0 * failures[key]))
     finally:
+        await worker.reader.stop()
         await consumer.stop()
         await producer.stop()
 
@@ -256,3 +259,11 @@ def run(settings: Settings) -> None:
         await run_async(settings, stop=stop)
 
     asyncio.run(main())
+
+
+if __name__ == "__main__":  # `python -m consolidation.sleep_worker`: what benchmarks spawn
+    logging.basicConfig(
+        level=os.environ.get("SOMNA_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run(Settings())

@@ -48,41 +48,57 @@ def from_history(history_dir: Path, scope_id: str, lo: int, hi: int) -> list[Tur
     return sorted(out, key=lambda t: t.offset)
 
 
-async def from_topic(
-    bootstrap: str, scope_id: str, partition: int, lo: int, hi: int, *, timeout_s: float = 10.0
-) -> list[Turn]:
-    """Interactions of ``scope_id`` at ``lo <= offset <= hi`` read straight from the topic."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+class TopicReader:
+    """Reads ``somna.interactions`` by offset with one consumer (no group), reused across
+    jobs: starting a consumer per job would cost more than reading the events."""
 
-    from streams.records import Interaction, InvalidEvent, decode
+    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout_s = timeout_s
+        self._consumer = None
 
-    if hi < lo:
-        return []
-    tp = TopicPartition(INTERACTIONS, partition)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
-    )
-    await consumer.start()
-    out: list[Turn] = []
-    try:
+    async def start(self) -> TopicReader:
+        from aiokafka import AIOKafkaConsumer
+
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        await self._consumer.start()
+        return self
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def read(self, scope_id: str, partition: int, lo: int, hi: int) -> list[Turn]:
+        """Interactions of ``scope_id`` at ``lo <= offset <= hi`` of the partition."""
+        from aiokafka import TopicPartition
+
+        from streams.records import Interaction, InvalidEvent, decode
+
+        if hi < lo:
+            return []
+        if self._consumer is None:
+            await self.start()
+        consumer = self._consumer
+        tp = TopicPartition(INTERACTIONS, partition)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
         stop = min(hi + 1, end)
+        out: list[Turn] = []
         if lo >= stop:
-            return []
+            return out
         consumer.seek(tp, lo)
         position = lo
         while position < stop:
-            batch = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000), max_records=500)
+            batch = await consumer.getmany(
+                tp, timeout_ms=int(self.timeout_s * 1000), max_records=500
+            )
             records = batch.get(tp, [])
             if not records:
-                log.warning(
-                    "no records from %s[%d] at %d (want up to %d)",
-                    INTERACTIONS,
-                    partition,
-                    position,
-                    stop - 1,
-                )
+                log.warning("no records from %s[%d] at %d (want up to %d)",
+                            INTERACTIONS, partition, position, stop - 1)  # fmt: skip
                 break
             for rec in records:
                 position = rec.offset + 1
@@ -94,15 +110,13 @@ async def from_topic(
                     continue  # the stream worker dead-letters it; it is not memory
                 if event.scope_id == scope_id:
                     out.append(Turn(event.event_id, event.role, event.text, rec.offset, partition))
-    finally:
-        await consumer.stop()
-    return out
+        return out
 
 
 async def scope_turns(
     *,
     history_dir: Path,
-    bootstrap: str | None,
+    reader: TopicReader | None,
     scope_id: str,
     partition: int | None,
     lo: int,
@@ -121,10 +135,19 @@ async def scope_turns(
     tail_from = max(
         turns[-1].offset + 1 if turns else lo, tail_floor if tail_floor is not None else lo
     )
-    if bootstrap and partition is not None and tail_from <= hi:
-        turns += await from_topic(bootstrap, scope_id, partition, tail_from, hi)
+    if reader is not None and partition is not None and tail_from <= hi:
+        turns += await reader.read(scope_id, partition, tail_from, hi)
     dropped = set(retracted)
     return [t for t in turns if t.event_id not in dropped]
+
+
+def partition_for(scope_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the raw key, as Java, aiokafka
+    and so Faust use) gives the scope, for when no event of the scope says it."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    ids = list(range(partitions))
+    return DefaultPartitioner()(scope_id.encode("utf-8"), ids, ids)
 
 
 def chunk_turns(turns: list[Turn], chunk_tokens: int) -> list[list[Turn]]:

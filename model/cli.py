@@ -31,9 +31,15 @@ def train_command(
     chunk: Annotated[int, typer.Option(help="Tokens per sleep chunk = attention window.")] = 64,
     fact_chunks: Annotated[int, typer.Option(help="Chunks of facts per sequence.")] = 3,
     question_chunks: Annotated[int, typer.Option(help="Chunks of questions per sequence.")] = 2,
+    chain: Annotated[
+        int, typer.Option(help="facts: edges per chain (max hops); khop: max hops.")
+    ] = 3,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 3e-3,
+    lm_weight: Annotated[
+        float, typer.Option(help="Auxiliary next-token loss on all tokens (0 = answers only).")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of init and training data.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between quick evaluations.")] = 250,
     eval_examples: Annotated[int, typer.Option(help="Held-out examples per eval seed.")] = 64,
@@ -67,9 +73,11 @@ def train_command(
         chunk=chunk,
         fact_chunks=fact_chunks,
         question_chunks=question_chunks,
+        chain=chain,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        lm_weight=lm_weight,
         seed=seed,
         eval_every=eval_every,
         eval_examples=eval_examples,

@@ -54,6 +54,7 @@ class TrainConfig:
     # Task shape.
     fact_chunks: int = 3
     question_chunks: int = 2
+    chain: int = 3  # facts: edges per reporting chain (max hops); khop: max hops
     # Optimisation.
     steps: int = 2000
     batch_size: int = 16
@@ -61,6 +62,10 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Weight of an auxiliary next-token loss on every token (0 = answer tokens only, as in
+    # the paper). Chatter repeats across chunks, so predicting it after eviction trains the
+    # same key -> value recall through S with far denser signal than the answers alone.
+    lm_weight: float = 0.0
     max_minutes: float = 0.0  # wall-clock budget (0 = none): the schedule follows whichever
     # of steps or time runs out first, so a run on a shared CPU still ends on time
     seed: int = 0
@@ -105,12 +110,14 @@ class TrainConfig:
                 fact_chunks=self.fact_chunks,
                 question_chunks=self.question_chunks,
                 gap_chunks=gap_chunks,
+                chain=self.chain,
             )
         return khop.KhopConfig(
             chunk=self.chunk,
             edge_chunks=self.fact_chunks,
             question_chunks=self.question_chunks,
             gap_chunks=gap_chunks,
+            max_hops=self.chain,
         )
 
     def make_example(self, rng: random.Random, split: str, gap_chunks: int = 0) -> Example:
@@ -140,6 +147,12 @@ def answer_loss(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     m = mask[:, 1:].float()
     ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
     return (ce * m.reshape(-1)).sum() / m.sum().clamp(min=1)
+
+
+def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over all positions."""
+    pred = logits[:, :-1].float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 def batch_tensors(examples: Sequence[Example], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -286,8 +299,9 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         with _autocast(device):
             logits = run_model(lm, ids, cfg.memory, cfg.passes)
         loss = answer_loss(logits, ids, mask)
+        total = loss + cfg.lm_weight * lm_loss(logits, ids) if cfg.lm_weight else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()

@@ -24,6 +24,7 @@ from typing import TypeVar
 import faust
 
 from infra.settings import Settings
+from infra.topics import INTERACTIONS, REPLIES
 from streams import metrics
 from streams.app import Topics
 from streams.dead_letters import DeadLetterPolicy
@@ -33,7 +34,7 @@ from streams.records import FastWeightsPublished, Interaction, Retraction
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 32  # turns answered per engine call
+MAX_BATCH = 128  # turns answered per engine call
 BATCH_WINDOW = 0.005  # seconds a batch waits to fill: a bound on the latency it adds
 
 T = TypeVar("T")
@@ -69,18 +70,29 @@ def install(
             for ev in events:
                 msg = ev.message
                 event = await turns_dlq.decode(
-                    ev.value, Interaction, key=ev.key, topic=msg.topic,
-                    partition=msg.partition, offset=msg.offset,
-                )  # fmt: skip
+                    ev.value,
+                    Interaction,
+                    key=ev.key,
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                )
                 metrics.EVENTS.labels(role="agent", topic=msg.topic).inc()
                 if event is not None:
                     turns.append(Turn(event, msg.partition, msg.offset, msg.timestamp))
             if not turns:
                 continue
             await _load_missing(turns)
-            replies = await thread.call(engine.answer, turns)
+            if engine.blocking:
+                replies = await thread.call(engine.answer, turns)
+            else:
+                replies = engine.answer(turns)
             for reply in replies:
-                await topics.replies.send(key=reply.scope_id.encode(), value=reply.to_bytes())
+                # Straight to the producer (Faust's topic.send adds per-message bookkeeping
+                # we do not use); Faust flushes it before committing the offsets.
+                await app.producer.send(
+                    REPLIES, reply.scope_id.encode(), reply.to_bytes(), None, None, None
+                )
                 metrics.REPLIES.inc()
                 metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
 
@@ -106,10 +118,16 @@ def install(
         async for ev in stream.events():
             msg = ev.message
             published = await weights_dlq.decode(
-                ev.value, FastWeightsPublished, key=ev.key, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset,
-            )  # fmt: skip
-            if published is None or not engine.loaded(published.scope_id):
+                ev.value,
+                FastWeightsPublished,
+                key=ev.key,
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+            )
+            if published is None or not engine.uses_fast_weights:
+                continue
+            if not engine.loaded(published.scope_id):
                 continue  # a scope not in memory loads its live weights when it next speaks
             weights = await loader.fetch_weights(published)
             if weights is None:
@@ -117,36 +135,36 @@ def install(
                 continue  # the previous version keeps serving
             outcome = await thread.call(engine.swap, published, weights)
             metrics.SWAPS.labels(outcome=outcome).inc()
-            log.info("fast weights %s v%s @%d: %s", published.scope_id, published.version,
-                     published.watermark, outcome)  # fmt: skip
+            log.info(
+                "fast weights %s v%s @%d: %s",
+                published.scope_id,
+                published.version,
+                published.watermark,
+                outcome,
+            )
 
     @app.agent(topics.retractions, name="somna-agent-retractions")
     async def retract(stream: faust.StreamT) -> None:
         async for ev in stream.events():
             msg = ev.message
             retraction = await retractions_dlq.decode(
-                ev.value, Retraction, key=ev.key, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset,
-            )  # fmt: skip
+                ev.value,
+                Retraction,
+                key=ev.key,
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+            )
             if retraction is not None and engine.loaded(retraction.scope_id):
                 await thread.call(engine.retract, retraction)
 
+    @app.on_partitions_assigned.connect
+    async def keep_owned_scopes(sender: object, assigned: object = None, **kwargs: object) -> None:
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == INTERACTIONS}
+        dropped = await thread.call(engine.keep_partitions, owned)
+        if dropped:
+            log.info("rebalance: forgot %d scopes of partitions no longer ours", dropped)
+
     @app.timer(interval=5.0)
-    async def report_lag() -> None:
-        await report_consumer_lag(app)
+    async def report_live_scopes() -> None:
         metrics.LIVE_SCOPES.set(engine.live_scopes())
-
-
-async def report_consumer_lag(app: faust.App) -> None:
-    """Lag per assigned partition: the partition's end offset minus our position."""
-    try:
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            position = await consumer.position(tp)
-            if highwater is not None and position is not None:
-                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(
-                    max(0, highwater - position)
-                )
-    except Exception:  # lag is best-effort telemetry; never let it stop the worker
-        log.debug("consumer lag not available", exc_info=True)

@@ -75,8 +75,9 @@ def declare_topics(app: faust.App) -> Topics:
     """Each topic once; they are provisioned by `infra.topics.provision` before the worker."""
 
     def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw")
+        return app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
     return Topics(
         interactions=topic(INTERACTIONS),

@@ -18,8 +18,9 @@ class ReplyWaiter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
-                                         enable_auto_commit=False)  # fmt: skip
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False
+        )
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -55,18 +56,30 @@ class ReplyWaiter:
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all",
-                            enable_idempotence=True)  # fmt: skip
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True
+    )
 
 
 async def chat(
-    settings: Settings, scope_id: str, text: str, *, session_id: str = "cli",
-    role: str = "user", timeout: float = 60.0,
-) -> Reply | None:  # fmt: skip
+    settings: Settings,
+    scope_id: str,
+    text: str,
+    *,
+    session_id: str = "cli",
+    role: str = "user",
+    timeout: float = 60.0,
+) -> Reply | None:
     """Send one turn keyed by its scope; wait for the reply of a user turn."""
     try:
-        event = Interaction(event_id=new_id(), scope_id=scope_id, session_id=session_id,
-                            role=role, text=text, ts=now())  # type: ignore[arg-type]  # fmt: skip
+        event = Interaction(
+            event_id=new_id(),
+            scope_id=scope_id,
+            session_id=session_id,
+            role=role,
+            text=text,
+            ts=now(),
+        )  # type: ignore[arg-type]
     except ValidationError as e:
         raise StreamsError(f"not a valid turn: {e.errors()[0]['msg']}") from None
     if len(text.encode("utf-8")) > settings.max_text_bytes:

@@ -36,9 +36,7 @@ def chat(
 
 def demo(
     users: Annotated[int, typer.Option(help="Simulated users (scopes).")] = 8,
-    duration: Annotated[
-        float, typer.Option(help="Seconds to run (0 = until Ctrl-C).")
-    ] = 0.0,
+    duration: Annotated[float, typer.Option(help="Seconds to run (0 = until Ctrl-C).")] = 0.0,
     think: Annotated[float, typer.Option(help="Seconds each user waits between turns.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the dialogues.")] = 0,
 ) -> None:

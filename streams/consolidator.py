@@ -20,9 +20,17 @@ import logging
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from streams import metrics
 from streams.records import FastWeightsPublished, Interaction, SleepJob
+
+if TYPE_CHECKING:
+    import faust
+
+    from infra.settings import Settings
+    from streams.app import Topics
+    from streams.dead_letters import DeadLetterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +131,9 @@ class ConsolidationTracker:
                 jobs.append(job)
         return jobs
 
-    def _maybe_emit(self, scope_id: str, p: ScopeProgress, *, idle: bool = False) -> SleepJob | None:
+    def _maybe_emit(
+        self, scope_id: str, p: ScopeProgress, *, idle: bool = False
+    ) -> SleepJob | None:
         job = None
         if p.in_flight_job is None:
             if p.rebuild_pending:
@@ -138,7 +148,9 @@ class ConsolidationTracker:
         self._save(scope_id, p)
         return job
 
-    def _rebuild_job(self, scope_id: str, p: ScopeProgress) -> tuple[SleepJob | None, ScopeProgress]:
+    def _rebuild_job(
+        self, scope_id: str, p: ScopeProgress
+    ) -> tuple[SleepJob | None, ScopeProgress]:
         p = replace(p, rebuild_pending=False)
         if p.consolidated_to < 0:
             # Nothing consolidated yet: the event is only in the agent's buffer, which the
@@ -147,7 +159,9 @@ class ConsolidationTracker:
         # Rebuild from the base (parent None) over everything consolidated so far.
         return self._job(scope_id, 0, p.consolidated_to, "retraction", None), p
 
-    def _job(self, scope_id: str, first: int, last: int, reason: str, parent: str | None) -> SleepJob:
+    def _job(
+        self, scope_id: str, first: int, last: int, reason: str, parent: str | None
+    ) -> SleepJob:
         return SleepJob(
             job_id=job_id_for(scope_id, first, last, reason),
             scope_id=scope_id,
@@ -164,7 +178,9 @@ class ConsolidationTracker:
 TABLE_NAME = "somna-consolidation"
 
 
-def install(app, topics, dlq, settings) -> ConsolidationTracker:  # noqa: ANN001 (faust types)
+def install(
+    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings
+) -> ConsolidationTracker:
     """Three agents (interactions, fast-weights, retractions) and an idle timer over one table.
 
     The table is keyed by scope and uses the producer's partitioner for its changelog, so a
@@ -194,27 +210,40 @@ def install(app, topics, dlq, settings) -> ConsolidationTracker:  # noqa: ANN001
     async def emit(job: SleepJob | None) -> None:
         if job is not None:
             await topics.sleep_jobs.send(key=job.scope_id.encode(), value=job.to_bytes())
-            log.info("sleep job %s for %s: offsets %d..%d (%s)", job.job_id, job.scope_id,
-                     job.from_watermark, job.to_watermark, job.reason)  # fmt: skip
+            log.info(
+                "sleep job %s for %s: offsets %d..%d (%s)",
+                job.job_id,
+                job.scope_id,
+                job.from_watermark,
+                job.to_watermark,
+                job.reason,
+            )
 
-    def consumer(topic, kind: type, handle):  # noqa: ANN001, ANN202
+    def consumer(topic: faust.TopicT, kind: type, handle: Callable) -> None:
         policy = dlq.claim(topic.get_topic_name())
 
-        async def agent(stream):  # noqa: ANN001, ANN202
+        async def agent(stream: faust.StreamT) -> None:
             async for ev in stream.events():
                 msg = ev.message
                 metrics.EVENTS.labels(role="consolidator", topic=msg.topic).inc()
                 event = await policy.decode(
-                    ev.value, kind, key=ev.key, topic=msg.topic,
-                    partition=msg.partition, offset=msg.offset,
-                )  # fmt: skip
+                    ev.value,
+                    kind,
+                    key=ev.key,
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                )
                 if event is not None:
                     await emit(handle(event, msg.offset))
 
         app.agent(topic, name=f"somna-consolidator-{topic.get_topic_name()}")(agent)
 
-    consumer(topics.interactions, Interaction,
-             lambda e, offset: tracker.on_interaction(e, offset, count_tokens(e)))  # fmt: skip
+    consumer(
+        topics.interactions,
+        Interaction,
+        lambda e, offset: tracker.on_interaction(e, offset, count_tokens(e)),
+    )
     consumer(topics.fast_weights, FastWeightsPublished, lambda e, _o: tracker.on_fast_weights(e))
     consumer(topics.retractions, Retraction, lambda e, _o: tracker.on_retraction(e.scope_id))
 

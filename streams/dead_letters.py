@@ -95,7 +95,9 @@ class DeadLetterPolicy:
     ) -> None:
         if self.silent:
             return
-        letter = dead_letter_for(raw, reason=reason, topic=topic, partition=partition, offset=offset)
+        letter = dead_letter_for(
+            raw, reason=reason, topic=topic, partition=partition, offset=offset
+        )
         log.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, reason)
         await self._send(key, letter.to_bytes())
         metrics.DEAD_LETTERS.labels(source_topic=topic).inc()

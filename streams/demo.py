@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -110,7 +111,11 @@ async def _count(settings: Settings, stats: Stats, stop: asyncio.Event) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None)
     await consumer.start()
     try:
-        tps = [TopicPartition(t, p) for t in (SLEEP_JOBS, FAST_WEIGHTS) for p in range(settings.partitions)]
+        tps = [
+            TopicPartition(t, p)
+            for t in (SLEEP_JOBS, FAST_WEIGHTS)
+            for p in range(settings.partitions)
+        ]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
         while not stop.is_set():
@@ -125,9 +130,16 @@ async def _count(settings: Settings, stats: Stats, stop: asyncio.Event) -> None:
 
 
 async def run_demo(
-    settings: Settings, *, users: int = 8, duration: float = 0.0, think: float = 0.2,
-    seed: int = 0, chunk: int | None = None, timeout: float = 60.0, live: bool = True,
-) -> Stats:  # fmt: skip
+    settings: Settings,
+    *,
+    users: int = 8,
+    duration: float = 0.0,
+    think: float = 0.2,
+    seed: int = 0,
+    chunk: int | None = None,
+    timeout: float = 60.0,
+    live: bool = True,
+) -> Stats:
     """Run until ``duration`` seconds have passed (0: until cancelled); returns the stats."""
     stats, stop = Stats(), asyncio.Event()
     waiter, producer = ReplyWaiter(settings), make_producer(settings)
@@ -149,8 +161,14 @@ async def run_demo(
             for step in dialogue(rng.randrange(1 << 30), chunk or settings.chunk_tokens):
                 if stop.is_set():
                     return
-                event = Interaction(event_id=new_id(), scope_id=scope, session_id=f"s{n}",
-                                    role=step.role, text=step.text, ts=now())  # type: ignore[arg-type]  # fmt: skip
+                event = Interaction(
+                    event_id=new_id(),
+                    scope_id=scope,
+                    session_id=f"s{n}",
+                    role=step.role,
+                    text=step.text,
+                    ts=now(),
+                )  # type: ignore[arg-type]
                 fut = asyncio.get_running_loop().create_future() if step.role == "user" else None
                 if fut is not None:
                     pending[event.event_id] = fut
@@ -172,7 +190,10 @@ async def run_demo(
                 await asyncio.sleep(think * rng.uniform(0.5, 1.5))
             n += 1
 
-    tasks = [asyncio.create_task(route_replies()), asyncio.create_task(_count(settings, stats, stop))]
+    tasks = [
+        asyncio.create_task(route_replies()),
+        asyncio.create_task(_count(settings, stats, stop)),
+    ]
     tasks += [asyncio.create_task(user(u)) for u in range(users)]
     try:
         if live:
@@ -190,7 +211,7 @@ async def run_demo(
     return stats
 
 
-async def _until(stop: asyncio.Event, duration: float, tick) -> None:  # noqa: ANN001
+async def _until(stop: asyncio.Event, duration: float, tick: Callable[[], object]) -> None:
     end = time.monotonic() + duration if duration > 0 else float("inf")
     while time.monotonic() < end and not stop.is_set():
         tick()

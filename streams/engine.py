@@ -36,11 +36,13 @@ class ScopeSnapshot:
     weights: Any | None  # consolidation.registry.FastWeights, or None: start from the base
     published: FastWeightsPublished | None
     events: list[tuple[int, Interaction]] = field(default_factory=list)  # (offset, event)
+    partition: int = -1  # the scope's partition of somna.interactions
 
 
 class Engine(Protocol):
     base_model_version: str
     uses_fast_weights: bool
+    blocking: bool  # does model work: the agent calls it on its engine thread
 
     def loaded(self, scope_id: str) -> bool: ...
 
@@ -55,6 +57,10 @@ class Engine(Protocol):
         ...
 
     def retract(self, retraction: Retraction) -> bool: ...
+
+    def keep_partitions(self, partitions: set[int]) -> int:
+        """Forget the scopes of other partitions (after a rebalance); returns how many."""
+        ...
 
     def live_scopes(self) -> int: ...
 
@@ -77,6 +83,7 @@ class NullEngine:
 
     base_model_version = "null"
     uses_fast_weights = False
+    blocking = False
 
     def loaded(self, scope_id: str) -> bool:
         return True
@@ -96,6 +103,9 @@ class NullEngine:
 
     def retract(self, retraction: Retraction) -> bool:
         return False
+
+    def keep_partitions(self, partitions: set[int]) -> int:
+        return 0
 
     def live_scopes(self) -> int:
         return 0

@@ -22,6 +22,7 @@ import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -29,6 +30,13 @@ import pyarrow.parquet as pq
 
 from streams import metrics
 from streams.records import Interaction, Reply
+
+if TYPE_CHECKING:
+    import faust
+
+    from infra.settings import Settings
+    from streams.app import Topics
+    from streams.dead_letters import DeadLetterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +194,9 @@ def read_history(history_dir: Path | str, scope_id: str | None = None) -> pa.Tab
             seen.add(key)
             keep.append(i)
     table = table.take(pa.array(keep, type=pa.int64())).cast(SCHEMA)
-    return table.sort_by([("source_topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")])
+    return table.sort_by(
+        [("source_topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
+    )
 
 
 # --- the Faust glue ----------------------------------------------------------------------
@@ -195,7 +205,7 @@ MAX_WINDOW_ROWS = 10_000  # a window closes early when it holds this many rows
 WRITE_RETRY_SECONDS = 5.0
 
 
-def install(app, topics, dlq, settings) -> None:  # noqa: ANN001 (faust types, see agent.py)
+def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings) -> None:
     """One history agent per topic: a tumbling window of rows, flushed, then acked.
 
     ``take_events`` acks a window's events only after the loop body returns, and the body
@@ -205,13 +215,11 @@ def install(app, topics, dlq, settings) -> None:  # noqa: ANN001 (faust types, s
     """
     import asyncio
 
-    from streams.records import Interaction, Reply
-
-    def sink_agent(topic, kind: type, name: str):  # noqa: ANN001, ANN202
+    def sink_agent(topic: faust.TopicT, kind: type[Interaction | Reply], name: str) -> None:
         sink = HistorySink(settings.history_dir)
         policy = dlq.claim(topic.get_topic_name())
 
-        async def agent(stream):  # noqa: ANN001, ANN202
+        async def agent(stream: faust.StreamT) -> None:
             window = settings.history_window_seconds
             async for events in stream.take_events(MAX_WINDOW_ROWS, within=window):
                 window_rows = []
@@ -219,9 +227,13 @@ def install(app, topics, dlq, settings) -> None:  # noqa: ANN001 (faust types, s
                     msg = ev.message
                     metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
                     event = await policy.decode(
-                        ev.value, kind, key=ev.key, topic=msg.topic,
-                        partition=msg.partition, offset=msg.offset,
-                    )  # fmt: skip
+                        ev.value,
+                        kind,
+                        key=ev.key,
+                        topic=msg.topic,
+                        partition=msg.partition,
+                        offset=msg.offset,
+                    )
                     if event is not None:
                         window_rows.append((event, msg.topic, msg.partition, msg.offset))
                 await write_window(sink, window_rows)

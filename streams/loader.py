@@ -21,6 +21,8 @@ from streams.records import FastWeightsPublished, Interaction, InvalidEvent, dec
 
 log = logging.getLogger(__name__)
 
+LIVE_ATTEMPTS = 3
+
 
 class ScopeLoader:
     def __init__(self, settings: Settings) -> None:
@@ -40,11 +42,30 @@ class ScopeLoader:
         except ArtifactRejected as e:
             log.error("refused fast weights %s v%s: %s", published.scope_id, published.version, e)
             return None
+        except Exception as e:  # the tracking server is down or slow: keep serving what we have
+            log.error(
+                "could not fetch fast weights %s v%s: %s", published.scope_id, published.version, e
+            )
+            return None
 
     async def _live(self, scope_id: str) -> tuple[FastWeightsPublished | None, Any | None]:
         from consolidation.registry import latest_live
 
-        published = await asyncio.to_thread(latest_live, self.settings.tracking_uri, scope_id)
+        for attempt in range(LIVE_ATTEMPTS):
+            try:
+                published = await asyncio.to_thread(
+                    latest_live, self.settings.tracking_uri, scope_id
+                )
+                break
+            except Exception as e:  # noqa: BLE001 (any failure of the tracking server)
+                log.warning(
+                    "live fast weights of %s: attempt %d failed: %s", scope_id, attempt + 1, e
+                )
+                await asyncio.sleep(2.0 * (attempt + 1))
+        else:
+            # Without the registry, memory is rebuilt from the scope's whole retained log.
+            log.error("tracking server unreachable: %s reloads from its events only", scope_id)
+            return None, None
         if published is None:
             return None, None
         weights = await self.fetch_weights(published)
@@ -57,8 +78,12 @@ class ScopeLoader:
         snapshots: dict[str, ScopeSnapshot] = {}
         for scope in upto:
             published, weights = await self._live(scope) if with_weights else (None, None)
-            snapshots[scope] = ScopeSnapshot(weights=weights, published=published)
-        after = {s: (snap.published.watermark if snap.published else -1) for s, snap in snapshots.items()}
+            snapshots[scope] = ScopeSnapshot(
+                weights=weights, published=published, partition=partition
+            )
+        after = {
+            s: (snap.published.watermark if snap.published else -1) for s, snap in snapshots.items()
+        }
         start, end = min(after.values()) + 1, max(upto.values())
         if start < end:
             for offset, event in await self._read(partition, start, end, set(upto)):
@@ -85,7 +110,9 @@ class ScopeLoader:
                     if key not in scopes:
                         continue
                     try:
-                        event = decode(record.value, Interaction, max_text_bytes=self.settings.max_text_bytes)
+                        event = decode(
+                            record.value, Interaction, max_text_bytes=self.settings.max_text_bytes
+                        )
                     except InvalidEvent:
                         continue  # already dead-lettered when it was first consumed
                     if event.scope_id == key:

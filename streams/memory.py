@@ -39,13 +39,21 @@ class ScopeMemory:
     fast_weights_version: str | None
     offsets: dict[str, int] = field(default_factory=dict)  # event_id -> offset, pending only
     last_offset: int = -1  # the last offset woken (or folded into S)
+    partition: int = -1  # of somna.interactions: the memory is valid while we own it
 
 
 class ModelEngine:
     uses_fast_weights = True
+    blocking = True
 
-    def __init__(self, lm: Any, *, base_model_version: str, max_scopes: int = 1024,
-                 max_new_tokens: int = MAX_NEW_TOKENS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lm: Any,
+        *,
+        base_model_version: str,
+        max_scopes: int = 1024,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> None:
         from model.tokenizer import ASSISTANT, ByteTokenizer
 
         self.lm = lm.eval()
@@ -72,7 +80,8 @@ class ModelEngine:
         weights, watermark, version = self._base_weights(snapshot)
         events = [(o, render_turn(e.role, e.text)) for o, e in snapshot.events if o > watermark]
         state = self.lm.rebuild_state(weights, watermark, events)
-        mem = ScopeMemory(state, version, {e.event_id: o for o, e in snapshot.events if o > watermark})
+        offsets = {e.event_id: o for o, e in snapshot.events if o > watermark}
+        mem = ScopeMemory(state, version, offsets, partition=snapshot.partition)
         mem.last_offset = max([watermark, *(o for o, _ in events)])
         self._scopes[scope_id] = mem
         self._scopes.move_to_end(scope_id)
@@ -89,16 +98,32 @@ class ModelEngine:
     def _acceptable(self, weights: Any) -> bool:
         """Fast weights only mean something under the base model and config they came from."""
         if str(weights.base_model_version) != str(self.base_model_version):
-            log.warning("fast weights %s of %s are for base model %s, serving %s: ignored",
-                        weights.version, weights.scope_id, weights.base_model_version,
-                        self.base_model_version)  # fmt: skip
+            log.warning(
+                "fast weights %s of %s are for base model %s, serving %s: ignored",
+                weights.version,
+                weights.scope_id,
+                weights.base_model_version,
+                self.base_model_version,
+            )
             return False
         config_hash = weights.metadata.get("config_hash")
         if config_hash and config_hash != self.lm.config.config_hash():
-            log.warning("fast weights %s of %s are for config %s: ignored", weights.version,
-                        weights.scope_id, config_hash)  # fmt: skip
+            log.warning(
+                "fast weights %s of %s are for config %s: ignored",
+                weights.version,
+                weights.scope_id,
+                config_hash,
+            )
             return False
         return True
+
+    def keep_partitions(self, partitions: set[int]) -> int:
+        """After a rebalance: a partition we lost may be served by another worker meanwhile,
+        so its scopes' memories would miss events; they are dropped and reload on demand."""
+        gone = [s for s, m in self._scopes.items() if m.partition not in partitions]
+        for scope in gone:
+            del self._scopes[scope]
+        return len(gone)
 
     # ---- turns --------------------------------------------------------------------------
     def answer(self, turns: list[Turn]) -> list[Reply]:
@@ -106,7 +131,7 @@ class ModelEngine:
 
         replies = []
         for turn in turns:
-            mem = self._touch(turn.event.scope_id)
+            mem = self._touch(turn)
             tokens = render_turn(turn.event.role, turn.event.text)
             fresh = self._remember(mem, turn, tokens)
             if turn.event.role == "user":
@@ -114,12 +139,15 @@ class ModelEngine:
                 prompt = self._assistant if fresh else tokens + self._assistant
                 ids = self.lm.generate(prompt, mem.state, max_new_tokens=self.max_new_tokens)
                 text = self._tok.decode(ids)
-                replies.append(make_reply(turn, text, self.base_model_version, mem.fast_weights_version))
+                replies.append(
+                    make_reply(turn, text, self.base_model_version, mem.fast_weights_version)
+                )
         return replies
 
-    def _touch(self, scope_id: str) -> ScopeMemory:
+    def _touch(self, turn: Turn) -> ScopeMemory:
+        scope_id = turn.event.scope_id
         if scope_id not in self._scopes:  # the agent loads before answering; this is a fallback
-            self.install(scope_id, ScopeSnapshot(weights=None, published=None))
+            self.install(scope_id, ScopeSnapshot(None, None, partition=turn.partition))
         self._scopes.move_to_end(scope_id)
         return self._scopes[scope_id]
 
@@ -140,7 +168,8 @@ class ModelEngine:
         if weights.scope_id != published.scope_id or not self._acceptable(weights):
             return "refused"
         if published.watermark < mem.state.watermark or (
-            published.watermark == mem.state.watermark and published.version == mem.fast_weights_version
+            published.watermark == mem.state.watermark
+            and published.version == mem.fast_weights_version
         ):
             return "stale"
         mem.state = self.lm.swap_in(mem.state, weights.tensors, published.watermark)

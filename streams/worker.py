@@ -34,7 +34,9 @@ def model_engine(settings: Settings) -> Engine:
 
     base = ensure_base_model(settings.tracking_uri)
     log.info("serving base model version %s", base.version)
-    return ModelEngine(base.lm, base_model_version=base.version, max_scopes=settings.agent_max_scopes)
+    return ModelEngine(
+        base.lm, base_model_version=base.version, max_scopes=settings.agent_max_scopes
+    )
 
 
 def null_engine(settings: Settings) -> Engine:
@@ -71,9 +73,16 @@ def build(
         if engine is None:
             name = os.environ.get("SOMNA_STREAM_ENGINE", "model")
             if name not in ENGINES:
-                raise StreamsError(f"SOMNA_STREAM_ENGINE must be one of {sorted(ENGINES)}, got {name!r}")
+                raise StreamsError(
+                    f"SOMNA_STREAM_ENGINE must be one of {sorted(ENGINES)}, got {name!r}"
+                )
             engine = ENGINES[name](settings)
         agent.install(app, topics, dlq, settings, engine)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        await report_consumer_lag(app)
+
     if "history" in roles:
         from streams import history
 
@@ -85,16 +94,36 @@ def build(
     return app
 
 
+async def report_consumer_lag(app: faust.App) -> None:
+    """Lag per assigned partition: the partition's end offset minus our position."""
+    try:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if highwater is not None and position is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(
+                    max(0, highwater - position)
+                )
+    except Exception:  # lag is best-effort telemetry; never let it stop the worker
+        log.debug("consumer lag not available", exc_info=True)
+
+
 def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     """Block running ``roles`` until SIGTERM/SIGINT; serves Prometheus metrics meanwhile."""
     from infra.topics import provision
 
+    # An unreachable tracking server must not hold a rebalance for minutes of retries:
+    # a fetch that fails is a refused swap (the previous weights keep serving).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     provision(settings.bootstrap, settings.partitions)
     app = build(settings, roles)
     port = metrics.serve(settings.metrics_port)
     log.info("stream worker %s (roles %s): metrics on :%d", app.conf.id, ",".join(roles), port)
-    worker = faust.Worker(app, loglevel=logging.getLevelName(logging.getLogger().level),
-                          override_logging=False)  # fmt: skip
+    worker = faust.Worker(
+        app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as e:

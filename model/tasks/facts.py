@@ -4,6 +4,7 @@ A user states facts in a small fact language ("kim reports to bob."), one report
 per chunk, in random order. Other chunks of facts (and optional chatter) push them out of
 the attention window. Then the user asks 1-, 2- and 3-hop questions ("who is kim's boss's
 boss?") and the assistant answers with one name ("tav."). Loss is on the answer tokens.
+A chain is asked about at most once per chunk, so no answer is visible in the window.
 
 Why random order matters: reading "kim reports to bob." before "bob reports to tav." in
 one pass cannot write kim -> tav into S; a second sleep pass over the same chunk can,
@@ -88,8 +89,16 @@ def make_example(
 
     total = cfg.seq_len
     questions: list[Question] = []
-    while True:
-        fact_chunk, people = rng.choice(chains)
+    # Each chain is asked about at most once per chunk: a second question would see the
+    # first one's names in the attention window and could be answered without memory.
+    asked: dict[int, set[int]] = {}
+    while len(b.ids) < total:
+        fresh = [c for c in range(len(chains)) if c not in asked.get(b.current_chunk, set())]
+        if not fresh:
+            b.fill_chunk(rng)
+            continue
+        c = rng.choice(fresh)
+        fact_chunk, people = chains[c]
         hops = rng.randint(1, cfg.chain)
         i = rng.randint(0, cfg.chain - hops)
         answer = people[i + hops] + "."
@@ -99,6 +108,7 @@ def make_example(
             b.fill_chunk(rng)  # a question and its answer share a chunk (and its KV)
         if len(b.ids) + need > total:
             break
+        asked.setdefault(b.current_chunk, set()).add(c)
         b.add("user", q)
         start, end = b.add_answer(a)
         distance = start // cfg.chunk - fact_chunk - 1

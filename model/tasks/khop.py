@@ -91,8 +91,10 @@ def make_example(
         i = rng.randint(0, cfg.edges - hops)
         q, a = f"{nodes[i]}+{hops}?", f"{nodes[i + hops]}."
         need = b.size("user", q) + b.size("assistant", a)
-        if need > b.room():
-            b.fill_chunk(rng)  # a question and its answer share a chunk (and its KV)
+        if need > b.room() or questions:
+            # One question per chunk (a second would see the first one's nodes), and a
+            # question shares its chunk (and KV) with its answer.
+            b.fill_chunk(rng)
         if len(b.ids) + need > total:
             break
         b.add("user", q)

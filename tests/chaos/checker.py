@@ -43,6 +43,7 @@ class TopicTail:
         self.bootstrap = bootstrap
         self.topics = topics
         self._records: dict[str, list[Seen]] = defaultdict(list)
+        self._seen: set[tuple[str, int, int]] = set()  # a reconnect must not count twice
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -97,6 +98,9 @@ class TopicTail:
             with self._lock:
                 for tp, msgs in batches.items():
                     for m in msgs:
+                        if (tp.topic, tp.partition, m.offset) in self._seen:
+                            continue
+                        self._seen.add((tp.topic, tp.partition, m.offset))
                         self._records[tp.topic].append(
                             Seen(
                                 tp.topic, tp.partition, m.offset, _text(m.key), _json(m.value), now
@@ -230,6 +234,9 @@ def check(
         wrong_fast_weights=len(wrong_weights),
         dead_letter_reasons=sorted({str(d.get("error"))[:80] for d in letters}),
         lost_examples=sorted(lost)[:5],
+        # At-least-once redelivery, allowed: the same reply_id more than once.
+        replies_redelivered=sum(1 for t in turns if len(by_event.get(t.event_id, [])) > 1),
+        reply_rows_repeated=sum(1 for t in turns if len(hist_out.get(t.event_id, [])) > 1),
     )
     if fault_end is not None:
         outcome.recover_s = _first_after(

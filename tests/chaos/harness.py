@@ -91,6 +91,12 @@ class Part:
             return text.encode() in f.read()
         return False
 
+    def log_count(self, text: str, since: int) -> int:
+        with contextlib.suppress(OSError), open(self.log, "rb") as f:
+            f.seek(since)
+            return f.read().count(text.encode())
+        return 0
+
     def tail(self, lines: int = 30) -> str:
         return tail(self.log, lines)
 
@@ -109,6 +115,14 @@ class Cluster:
         tmpfs_mb: int | None = 256,
         extra_env: dict[str, str] | None = None,
     ) -> None:
+        self._args = dict(
+            partitions=partitions,
+            chunk_tokens=chunk_tokens,
+            idle_seconds=idle_seconds,
+            sleep_passes=sleep_passes,
+            tmpfs_mb=tmpfs_mb,
+            extra_env=extra_env,
+        )
         self.root = Path(root)
         self.partitions = partitions
         self.kafka = EmbeddedKafka(self.root / "kafka-home", free_port(), free_port())
@@ -194,10 +208,40 @@ class Cluster:
         provision(self.bootstrap, self.partitions)
         self.mlflow.start()
         self.wait_mlflow(timeout)
-        for part in self.workers:
-            part.start()
+        # The stream worker first, the sleep worker once the base model is registered: two
+        # workers starting at once on an empty registry each register a base model (a race
+        # in consolidation.registry.ensure_base_model), and then the agent refuses every
+        # fast-weights version as made for another base model.
+        self.stream.start()
+        self.wait_base_model(timeout)
+        self.sleep.start()
         self.tail = TopicTail(self.bootstrap).start()
         return self
+
+    def base_model_version(self) -> str | None:
+        """The version behind alias ``production`` of the base model, as the registry says."""
+        from mlflow import MlflowClient
+
+        from consolidation.registry import BASE_MODEL_NAME, PRODUCTION
+
+        client = MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
+        try:
+            return str(client.get_model_version_by_alias(BASE_MODEL_NAME, PRODUCTION).version)
+        except Exception:  # not registered yet (or the server is down on purpose)
+            return None
+
+    def wait_base_model(self, timeout: float = 240.0) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.stream.alive:
+                raise RuntimeError(
+                    f"the stream worker exited while starting:\n{self.stream.tail()}"
+                )
+            version = self.base_model_version()
+            if version is not None:
+                return version
+            time.sleep(1.0)
+        raise RuntimeError(f"no base model registered in {timeout}s:\n{self.stream.tail()}")
 
     def wait_mlflow(self, timeout: float = 120.0) -> None:
         import urllib.request
@@ -233,6 +277,15 @@ class Cluster:
         self.kafka.stop()
         if self.tmpfs is not None:
             subprocess.run(["umount", "-l", str(self.tmpfs)], check=False, capture_output=True)
+
+    def reset(self) -> None:
+        """Throw this cluster away and start a fresh one in a new root, in place: for when a
+        scenario left it in a state no restart repairs (its logs stay in the old root)."""
+        self.stop()
+        if not os.environ.get("SOMNA_CHAOS_KEEP"):
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.__init__(new_root(), **self._args)  # type: ignore[misc]
+        self.start()
 
     def __enter__(self) -> Cluster:
         return self.start()

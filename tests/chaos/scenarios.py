@@ -117,6 +117,15 @@ def finish(
         fault_end=fault_end,
     )
     outcome.send_errors += [f"{k}: {e[:160]}" for k, e in report.send_errors]
+    replies = replies_for(cluster, set(scopes))
+    base = cluster.base_model_version()
+    outcome.details["replies_with_fast_weights"] = sum(
+        1 for r in replies if r.get("fast_weights_version") is not None
+    )
+    if base is not None:  # replies made by another base model than the one in production
+        outcome.details["replies_on_other_base_model"] = sum(
+            1 for r in replies if str(r.get("base_model_version")) != base
+        )
     before = crashes_before or {}
     outcome.restarts = sum(n - before.get(name, 0) for name, n in cluster.crashes().items())
     outcome.details["crashes"] = {
@@ -163,8 +172,12 @@ def kill_sleep_worker(cluster: Cluster, size: Size = QUICK) -> Outcome:
     before = cluster.crashes()
     scopes, load = _load(cluster, "sleep", size)
     s = set(scopes)
+    since = _arm_sleep_fault(cluster)
     load.start()
-    out.notes.append(_wait_registering(cluster, s))
+    if wait_for(lambda: cluster.sleep.log_says(FAULT_HOOK_LOG, since), size.drain_s, poll=0.2):
+        out.notes.append("killed mid-job: after registering a version, before publishing it")
+    else:
+        out.notes.append("the sleep worker never reached after_register: killed anyway")
     cluster.sleep.kill9()
     time.sleep(2.0)
     cluster.sleep.start()
@@ -175,22 +188,60 @@ def kill_sleep_worker(cluster: Cluster, size: Size = QUICK) -> Outcome:
     return out
 
 
-# The MLflow client in the sleep worker logs this while it creates a model version.
-REGISTERING = (
-    "Waiting up to 300 seconds for model version to finish creation. Model name: somna-fw-"
-)
+# What the sleep worker's fault hook (consolidation.sleep_worker.fault_point) logs when
+# SOMNA_FAULT=after_register stops it between registering a version and publishing it.
+FAULT_HOOK_LOG = "fault injection: blocking at after_register"
+
+
+def _arm_sleep_fault(cluster: Cluster) -> int:
+    """Restart the sleep worker so that it stops dead after registering its next batch
+    (registered, not yet published, offsets not committed: the hardest moment to die).
+    Returns where its log stood, to look for the hook's message from there."""
+    cluster.sleep.kill9()
+    since = cluster.sleep.log_size()
+    cluster.sleep.env = {**cluster.worker_env, "SOMNA_FAULT": "after_register"}
+    cluster.sleep.start()
+    cluster.sleep.env = cluster.worker_env  # the restart after the fault runs normally
+    return since
+
+
+def _sleep_run_in_progress(cluster: Cluster) -> bool:
+    """Whether a sleep batch's MLflow run is open right now (from the tracking server)."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from consolidation.registry import SLEEP_EXPERIMENT
+
+    try:
+        q = urllib.parse.urlencode({"experiment_name": SLEEP_EXPERIMENT})
+        with urllib.request.urlopen(
+            f"{cluster.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name?{q}", timeout=1
+        ) as r:
+            exp = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps(
+            {"experiment_ids": [exp], "filter": "attributes.status = 'RUNNING'", "max_results": 1}
+        ).encode()
+        req = urllib.request.Request(
+            f"{cluster.mlflow_uri}/api/2.0/mlflow/runs/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=1) as r:
+            return bool(json.load(r).get("runs"))
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _wait_registering(cluster: Cluster, scopes: set[str], timeout: float = 120.0) -> str:
-    """Block until the sleep worker is mid-job: registering a version of one of ``scopes``
-    (seen in its log), else until a sleep job of theirs exists; says which it was."""
-    since = cluster.sleep.log_size()
-    if wait_for(lambda: cluster.sleep.log_says(REGISTERING + "chaos-", since), timeout, poll=0.05):
-        return "fault injected while the sleep worker registered a version"
+    """Block until a sleep batch is in progress (its MLflow run is open: it is about to
+    register or registering), else until a sleep job of ``scopes`` exists; says which."""
+    if wait_for(lambda: _sleep_run_in_progress(cluster), timeout, poll=0.05):
+        return "MLflow killed while a sleep batch's run was open (registering)"
     if wait_for(lambda: bool(jobs_for(cluster, scopes)), 30):
         time.sleep(0.5)
-        return "no registration seen in the sleep worker's log: fault injected after a sleep job"
-    return "no sleep job seen: fault injected anyway"
+        return "no open sleep run seen: MLflow killed after a sleep job"
+    return "no sleep job seen: MLflow killed anyway"
 
 
 def _check_jobs(
@@ -369,70 +420,100 @@ def _path_scope_leaked(cluster: Cluster) -> list[str]:
 
 def forged_fast_weights(cluster: Cluster, size: Size = QUICK) -> Outcome:
     """A FastWeightsPublished naming scope A's artifact for scope B, and one for A with a bad
-    sha256: the agent must refuse both and keep serving each scope's previous version."""
+    sha256: the agent must refuse both and keep serving each scope's previous version.
+
+    Phase 1 talks to A and B until a reply of A is served with a genuine version; phase 2
+    sends the forgeries, then a short second load on A and B whose replies are checked.
+    """
     out = Outcome("forged fast weights")
     before = cluster.crashes()
-    scopes, load = _load(cluster, "forge", size)
-    a, b = scopes[0], scopes[1]
-    load.start()
-    if not wait_for(lambda: bool(published_for(cluster, {a})), size.drain_s, poll=1.0):
-        load.stop()
-        report = load.join()
+    cluster.heal()
+    a, b = new_scopes("forge", 2)
+    phase1 = UserLoad(cluster.bootstrap, [a, b], size.events * 4, rate=size.rate).start()
+
+    def a_serves_genuine() -> bool:
+        own = {str(p["version"]) for p in published_for(cluster, {a})}
+        return any(str(r.get("fast_weights_version")) in own for r in replies_for(cluster, {a}))
+
+    served = wait_for(a_serves_genuine, size.drain_s, poll=1.0)
+    phase1.stop()
+    first = phase1.join()
+    if not published_for(cluster, {a}):
         out.notes.append("scope A never got a fast-weights version: nothing to forge from")
-        return finish(cluster, out, report, scopes, size, fault_end=None, crashes_before=before)
+        return finish(cluster, out, first, [a, b], size, fault_end=None, crashes_before=before)
+    if not served:
+        out.notes.append("scope A's genuine version was never served (base model mismatch?)")
     genuine = FastWeightsPublished.model_validate(published_for(cluster, {a})[-1])
+    b_versions = [str(p["version"]) for p in published_for(cluster, {b})]
+    # New version ids (a reply that carried one would show the forgery was applied) ...
     to_b = forged(genuine, scope_id=b)  # A's artifact (right sha256) announced for B
     bad_sha = forged(genuine, sha256="0" * 64)  # A's own artifact with a wrong sha256
     fakes = {to_b.version, bad_sha.version}
-    sent_b = send_forged(cluster.bootstrap, [to_b], "forged_other_scope")
-    sent_a = send_forged(cluster.bootstrap, [bad_sha], "forged_bad_sha256")
+    # ... and the same two under version ids the registry does hold, so that the agent has
+    # to compare the sha256 and artifact with the registry's rather than miss the version.
+    to_b_real = forged(genuine, scope_id=b, version=b_versions[-1] if b_versions else "1")
+    bad_sha_real = forged(genuine, sha256="0" * 64, version=genuine.version)
+    log_from = cluster.stream.log_size()
+    forged_sent = []
+    for kind, event in (
+        ("forged_other_scope", to_b),
+        ("forged_bad_sha256", bad_sha),
+        ("forged_other_scope_known_version", to_b_real),
+        ("forged_bad_sha256_known_version", bad_sha_real),
+    ):
+        forged_sent += send_forged(cluster.bootstrap, [event], kind).sent
+    time.sleep(3.0)  # let the agent see (and refuse) them before the next turns
     fault_end = time.time()
-    report = load.join()
+    second = UserLoad(cluster.bootstrap, [a, b], min(40, size.events), rate=size.rate).start()
+    report = second.join()
+    report.sent = first.sent + report.sent
+    report.send_errors = first.send_errors + report.send_errors
     finish(
         cluster,
         out,
         report,
-        scopes,
+        [a, b],
         size,
         fault_end=fault_end,
-        other=sent_b.sent + sent_a.sent,
+        other=forged_sent,
         forged_versions=fakes,
         crashes_before=before,
     )
-    # After the forgery each scope still serves one of its own genuine versions (or none yet).
-    served_after = [
-        r for r in replies_for(cluster, {a, b}) if float(r.get("ts", 0)) > fault_end + 1.0
-    ]
+    # After the forgery each scope serves one of its own genuine versions (or none yet), and
+    # A, which served a genuine version before, never falls back to none.
+    after = [r for r in replies_for(cluster, {a, b}) if float(r.get("ts", 0)) >= fault_end]
     own = {sc: {str(p["version"]) for p in published_for(cluster, {sc}, fakes)} for sc in (a, b)}
     wrong = [
         r
-        for r in served_after
+        for r in after
         if r.get("fast_weights_version") is not None
         and str(r["fast_weights_version"]) not in own[r["scope_id"]]
     ]
-    regressed = [
-        r for r in served_after if r["scope_id"] == a and r.get("fast_weights_version") is None
-    ]
+    regressed = [r for r in after if r["scope_id"] == a and r.get("fast_weights_version") is None]
     audit = registry_audit(cluster.mlflow_uri, {a, b})
     out.misrouted += audit["registered_for_wrong_scope"]
     out.details.update(
         **audit,
         forged_versions=sorted(fakes),
-        replies_after_forgery=len(served_after),
+        forgeries_sent=len(forged_sent),
+        refusals_in_stream_log=cluster.stream.log_count("refused fast weights", log_from),
+        a_served_genuine_before=served,
+        replies_after_forgery=len(after),
         served_foreign_or_forged=len(wrong),
-        scope_a_dropped_its_version=len(regressed),
+        scope_a_dropped_its_version=len(regressed) if served else None,
     )
     return out
 
 
+# In the order the suite runs them: those that restart the stream worker last.
 ALL: dict[str, Callable[..., Outcome]] = {
-    "kill_stream_worker": kill_stream_worker,
-    "kill_sleep_worker": kill_sleep_worker,
-    "broker_outage": broker_outage,
-    "mlflow_kill": mlflow_kill,
-    "disk_full": disk_full,
     "poison": poison,
     "forged_fast_weights": forged_fast_weights,
+    "kill_sleep_worker": kill_sleep_worker,
+    "mlflow_kill": mlflow_kill,
+    "broker_outage": broker_outage,
+    "disk_full": disk_full,
+    "kill_stream_worker": kill_stream_worker,
 }
 
 

@@ -11,8 +11,8 @@ from infra.topics import FAST_WEIGHTS, INTERACTIONS, SLEEP_JOBS
 from streams.records import FastWeightsPublished, Interaction, SleepJob, decode
 
 
-async def send_turns(bootstrap: str, scope: str, texts: list[str]) -> list[tuple[int, int]]:
-    """Produce interactions of ``scope``; returns their (partition, offset)."""
+async def send_turns(bootstrap: str, scope: str, texts: list[str]) -> list[tuple[int, int, str]]:
+    """Produce interactions of ``scope``; returns their (partition, offset, event_id)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -21,7 +21,7 @@ async def send_turns(bootstrap: str, scope: str, texts: list[str]) -> list[tuple
             ev = Interaction(event_id=f"{scope}-{i}-{time.time_ns()}", scope_id=scope,
                              session_id="s1", role="user", text=text, ts=time.time())  # fmt: skip
             md = await producer.send_and_wait(INTERACTIONS, key=scope.encode(), value=ev.to_bytes())
-            out.append((md.partition, md.offset))
+            out.append((md.partition, md.offset, ev.event_id))
         return out
     finally:
         await producer.stop()

@@ -45,11 +45,15 @@ def _stream_worker(settings: Settings, log: Path) -> subprocess.Popen:
 class Replies:
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        )
 
     async def start(self) -> Replies:
         await self.consumer.start()
-        tps = [TopicPartition(REPLIES, p) for p in sorted(await partitions_of(self.bootstrap, REPLIES))]
+        tps = [
+            TopicPartition(REPLIES, p) for p in sorted(await partitions_of(self.bootstrap, REPLIES))
+        ]
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:
@@ -69,7 +73,6 @@ class Replies:
 
 async def _ask(bootstrap: str, replies: Replies, scope: str, text: str) -> Reply:
     from streams.records import Interaction, now
-
     from tests.consolidation.kafka_helpers import AIOKafkaProducer
 
     ev = Interaction(event_id=f"q-{uuid.uuid4().hex[:10]}", scope_id=scope, session_id="s1", role="user",
@@ -83,17 +86,23 @@ async def _ask(bootstrap: str, replies: Replies, scope: str, text: str) -> Reply
     return await replies.reply_to(ev.event_id)
 
 
-async def _served(bootstrap: str, replies: Replies, scope: str, version: str, tries: int = 60) -> Reply:
+async def _served(
+    bootstrap: str, replies: Replies, scope: str, version: str, tries: int = 60
+) -> Reply:
     """Ask until a reply uses ``version``: the agent swaps asynchronously after a publish."""
     for _ in range(tries):
         reply = await _ask(bootstrap, replies, scope, "hi?")
         if reply.fast_weights_version == version:
             return reply
         await asyncio.sleep(0.5)
-    raise AssertionError(f"the agent never replied with v{version} (last: {reply.fast_weights_version})")
+    raise AssertionError(
+        f"the agent never replied with v{version} (last: {reply.fast_weights_version})"
+    )
 
 
-async def test_turns_become_a_version_the_agent_replies_with(settings: Settings, base_model, tmp_path) -> None:
+async def test_turns_become_a_version_the_agent_replies_with(
+    settings: Settings, base_model, tmp_path
+) -> None:
     settings = settings.model_copy(update={"chunk_tokens": CHUNK, "sleep_passes": 2})
     scope = scope_id("e2e")
     worker_log = tmp_path / "stream-worker.log"
@@ -120,7 +129,9 @@ async def test_turns_become_a_version_the_agent_replies_with(settings: Settings,
         except AssertionError:
             # Everything above passed; the agent (streams/memory.py) answers a publish with an
             # older watermark "stale" and keeps serving the newer version.
-            pytest.xfail("agent keeps the newer version after a rollback publish (streams engine: 'stale')")
+            pytest.xfail(
+                "agent keeps the newer version after a rollback publish (streams engine: 'stale')"
+            )
     finally:
         stop.set()
         await sleeper

@@ -24,7 +24,9 @@ DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "mlflow-registry.png"
 pytestmark = [
     pytest.mark.mlflow,
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent: apt-get install -y chromium"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent: apt-get install -y chromium"
+    ),
 ]
 
 
@@ -51,12 +53,22 @@ def test_registry_page_shows_version_alias_and_lineage(mlflow_uri: str, tmp_path
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{mlflow_uri}/#/models/{name}", wait_until="load")
             page.get_by_text(f"Version {pub.version}").first.wait_for(timeout=60_000)
-            page.get_by_text("@ live").or_(page.get_by_text("live", exact=True)).first.wait_for(timeout=30_000)
+            page.get_by_text("@ live").or_(page.get_by_text("live", exact=True)).first.wait_for(
+                timeout=30_000
+            )
             shots.append(tmp_path / "model.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
 
             page.goto(f"{mlflow_uri}/#/models/{name}/versions/{pub.version}", wait_until="commit")
-            for text in ("parent_version", "base_model_version", "watermark", "job_id", "job-ui-1", "sha256", pub.sha256[:16]):
+            for text in (
+                "parent_version",
+                "base_model_version",
+                "watermark",
+                "job_id",
+                "job-ui-1",
+                "sha256",
+                pub.sha256[:16],
+            ):
                 page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)
             shots.append(tmp_path / "version.png")
             page.screenshot(path=str(shots[-1]), full_page=True)

@@ -31,9 +31,13 @@ def unique(prefix: str = "t") -> str:
 
 def turn(scope: str, text: str, role: str = "user", event_id: str | None = None) -> Interaction:
     return Interaction(
-        event_id=event_id or unique("e"), scope_id=scope, session_id="s1", role=role,
-        text=text, ts=now(),
-    )  # fmt: skip
+        event_id=event_id or unique("e"),
+        scope_id=scope,
+        session_id="s1",
+        role=role,
+        text=text,
+        ts=now(),
+    )
 
 
 class Worker:
@@ -44,8 +48,11 @@ class Worker:
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.worker", *roles],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -122,8 +129,9 @@ class TopicReader:
         self.consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> TopicReader:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                         enable_auto_commit=False)  # fmt: skip
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+        )
         await self.consumer.start()
         tps = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
         self.consumer.assign(tps)
@@ -150,4 +158,3 @@ class TopicReader:
             for records in batches.values():
                 out += [r for r in records if keep(r)]
         return out
-

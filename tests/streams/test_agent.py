@@ -23,7 +23,9 @@ from .conftest import TopicReader, produce, send_turns, turn, unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mlflow, pytest.mark.slow]
 
-TINY = HybridConfig(d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=64, chunk=64)
+TINY = HybridConfig(
+    d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=64, chunk=64
+)
 
 
 @pytest.fixture
@@ -37,10 +39,16 @@ def base_model(mlflow_uri, tmp_path):
 
 
 def _sleep(mlflow_uri, base, scope, texts, to_watermark, job):
-    lin = registry.Lineage(scope_id=scope, job_id=job, parent_version=None,
-                           base_model_version=base.version, from_watermark=0,
-                           to_watermark=to_watermark, passes=2,
-                           tokens=sum(len(render_turn("system", t)) for t in texts))  # fmt: skip
+    lin = registry.Lineage(
+        scope_id=scope,
+        job_id=job,
+        parent_version=None,
+        base_model_version=base.version,
+        from_watermark=0,
+        to_watermark=to_watermark,
+        passes=2,
+        tokens=sum(len(render_turn("system", t)) for t in texts),
+    )
     chunk = [tok for t in texts for tok in render_turn("system", t)]
     published, _ = run_batch(mlflow_uri, base, [SleepTask(lin, [chunk])], passes=2, device="cpu")
     return published[0]
@@ -52,7 +60,9 @@ async def _ask_until(bootstrap, replies, scope, accept, tries=60):
         q = turn(scope, "who?")
         await send_turns(bootstrap, [q])
         got = await replies.collect(
-            lambda rs, q=q: any(Reply.model_validate_json(r.value).event_id == q.event_id for r in rs),
+            lambda rs, q=q: any(
+                Reply.model_validate_json(r.value).event_id == q.event_id for r in rs
+            ),
             keep=lambda r: r.key == scope.encode(),
         )
         reply = [Reply.model_validate_json(r.value) for r in got][-1]
@@ -69,12 +79,18 @@ async def test_agent_answers_and_swaps_verified_fast_weights(
     stream_env.update(SOMNA_STREAM_ENGINE="model", SOMNA_MLFLOW_URI=mlflow_uri)
     worker = start_worker(stream_env, ("agent",))
     facts = ["kim reports to bob.", "bob reports to tav."]
-    async with TopicReader(kafka_bootstrap, REPLIES) as replies, TopicReader(
-        kafka_bootstrap, "somna.interactions"
-    ) as sent:
+    async with (
+        TopicReader(kafka_bootstrap, REPLIES) as replies,
+        TopicReader(kafka_bootstrap, "somna.interactions") as sent,
+    ):
         said = [turn(scope, f, role="system") for f in facts]
         await send_turns(kafka_bootstrap, said)
-        offsets = [r.offset for r in await sent.collect(lambda rs: len(rs) >= 2, keep=lambda r: r.key == scope.encode())]
+        offsets = [
+            r.offset
+            for r in await sent.collect(
+                lambda rs: len(rs) >= 2, keep=lambda r: r.key == scope.encode()
+            )
+        ]
         first = await _ask_until(kafka_bootstrap, replies, scope, lambda r: True)
         assert first.base_model_version == base_model.version
         assert first.fast_weights_version is None and first.reply_id == reply_id_for(first.event_id)
@@ -82,14 +98,16 @@ async def test_agent_answers_and_swaps_verified_fast_weights(
         # A real sleep batch consolidates the two facts; the agent swaps them in.
         pub = _sleep(mlflow_uri, base_model, scope, facts, offsets[-1], unique("job"))
         await produce(kafka_bootstrap, FAST_WEIGHTS, [(scope.encode(), pub.to_bytes())])
-        swapped = await _ask_until(kafka_bootstrap, replies, scope,
-                                   lambda r: r.fast_weights_version == pub.version)  # fmt: skip
+        swapped = await _ask_until(
+            kafka_bootstrap, replies, scope, lambda r: r.fast_weights_version == pub.version
+        )
         assert swapped.scope_id == scope
 
         # Another scope's artifact, announced as ours: refused; ours keeps serving.
         theirs = _sleep(mlflow_uri, base_model, other, ["x reports to y."], 0, unique("job"))
-        forged = theirs.model_copy(update={"scope_id": scope, "watermark": offsets[-1] + 100,
-                                           "version": "999"})  # fmt: skip
+        forged = theirs.model_copy(
+            update={"scope_id": scope, "watermark": offsets[-1] + 100, "version": "999"}
+        )
         await produce(kafka_bootstrap, FAST_WEIGHTS, [(scope.encode(), forged.to_bytes())])
         for _ in range(120):
             if "refused fast weights" in worker.log():

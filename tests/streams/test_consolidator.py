@@ -15,13 +15,20 @@ class Clock:
 
 
 def _turn(i: int, scope: str = "u1") -> Interaction:
-    return Interaction(event_id=f"e{i}", scope_id=scope, session_id="s", role="user", text="x", ts=0)
+    return Interaction(
+        event_id=f"e{i}", scope_id=scope, session_id="s", role="user", text="x", ts=0
+    )
 
 
 def _published(watermark: int, scope: str = "u1", version: str = "1") -> FastWeightsPublished:
     return FastWeightsPublished(
-        scope_id=scope, version=version, artifact_uri="mlflow-artifacts:/x", sha256="0" * 64,
-        watermark=watermark, base_model_version="1", job_id="j",
+        scope_id=scope,
+        version=version,
+        artifact_uri="mlflow-artifacts:/x",
+        sha256="0" * 64,
+        watermark=watermark,
+        base_model_version="1",
+        job_id="j",
     )
 
 

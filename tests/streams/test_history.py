@@ -27,8 +27,13 @@ def test_layout_and_names(tmp_path):
     sink = HistorySink(tmp_path)
     _fill(sink, range(0, 6))
     reply = Reply(
-        reply_id=reply_id_for("e0"), event_id="e0", scope_id="scope0", text="ok",
-        base_model_version="1", latency_ms=3.0, ts=TS,
+        reply_id=reply_id_for("e0"),
+        event_id="e0",
+        scope_id="scope0",
+        text="ok",
+        base_model_version="1",
+        latency_ms=3.0,
+        ts=TS,
     )
     sink.add(reply, topic=REPLIES, partition=0, offset=0)
     paths = sink.flush()

@@ -12,7 +12,9 @@ from streams.engine import ScopeSnapshot, Turn
 from streams.memory import ModelEngine
 from streams.records import FastWeightsPublished, Interaction, Retraction, reply_id_for
 
-CFG = HybridConfig(d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=32, chunk=32)
+CFG = HybridConfig(
+    d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=32, chunk=32
+)
 
 
 @pytest.fixture
@@ -23,8 +25,9 @@ def lm() -> HybridLM:
 
 
 def _turn(i: int, role: str = "system", scope: str = "u1") -> Turn:
-    event = Interaction(event_id=f"e{i}", scope_id=scope, session_id="s", role=role,
-                        text=f"fact {i}.", ts=0.0)  # fmt: skip
+    event = Interaction(
+        event_id=f"e{i}", scope_id=scope, session_id="s", role=role, text=f"fact {i}.", ts=0.0
+    )
     return Turn(event, 0, i, None)
 
 
@@ -32,13 +35,22 @@ def _weights(lm: HybridLM, engine: ModelEngine, upto: int, version: str = "1") -
     state = engine.memory("u1").state
     slept = lm.sleep([state.pending_tokens(upto)], state, passes=2)
     published = FastWeightsPublished(
-        scope_id="u1", version=version, artifact_uri="mlflow-artifacts:/x", sha256="0" * 64,
-        watermark=upto, base_model_version="7", job_id="j",
-    )  # fmt: skip
+        scope_id="u1",
+        version=version,
+        artifact_uri="mlflow-artifacts:/x",
+        sha256="0" * 64,
+        watermark=upto,
+        base_model_version="7",
+        job_id="j",
+    )
     weights = FastWeights(
-        scope_id="u1", version=version, tensors=slept.fast_weights(),
-        metadata={"config_hash": CFG.config_hash()}, watermark=upto, base_model_version="7",
-    )  # fmt: skip
+        scope_id="u1",
+        version=version,
+        tensors=slept.fast_weights(),
+        metadata={"config_hash": CFG.config_hash()},
+        watermark=upto,
+        base_model_version="7",
+    )
     return published, weights
 
 
@@ -67,7 +79,10 @@ def test_swap_drops_only_what_the_weights_cover_and_stale_ones_are_refused(lm):
     older = published.model_copy(update={"version": "0", "watermark": 1})
     assert engine.swap(older, weights) == "stale"
     other = FastWeights(**{**weights.__dict__, "base_model_version": "8"})
-    assert engine.swap(published.model_copy(update={"version": "2", "watermark": 3}), other) == "refused"
+    assert (
+        engine.swap(published.model_copy(update={"version": "2", "watermark": 3}), other)
+        == "refused"
+    )
     assert engine.memory("u1").fast_weights_version == "1"
 
 
@@ -91,8 +106,18 @@ def test_retraction_drops_the_event_and_lru_evicts(lm):
     assert engine.retract(Retraction(scope_id="u1", event_id="e1", ts=0.0))
     state = engine.memory("u1").state
     assert [e.offset for e in state.pending_events] == [0, 2]
-    expected = lm.rebuild_state(lm.init_state(1).fast_weights(), -1,
-                                [(0, render_turn("system", "fact 0.")), (2, render_turn("system", "fact 2."))])  # fmt: skip
+    expected = lm.rebuild_state(
+        lm.init_state(1).fast_weights(),
+        -1,
+        [(0, render_turn("system", "fact 0.")), (2, render_turn("system", "fact 2."))],
+    )
     torch.testing.assert_close(state.S[0], expected.S[0])
     engine.answer([_turn(0, scope="u2"), _turn(0, scope="u3")])
     assert not engine.loaded("u1") and engine.live_scopes() == 2
+
+
+def test_a_rebalance_forgets_the_scopes_of_lost_partitions(lm):
+    engine = ModelEngine(lm, base_model_version="7")
+    engine.answer([_turn(0, scope="a"), Turn(_turn(1, scope="b").event, 3, 1, None)])
+    assert engine.keep_partitions({3}) == 1
+    assert not engine.loaded("a") and engine.loaded("b")

@@ -35,6 +35,9 @@ async def test_turn_in_reply_out_with_the_right_ids(kafka_bootstrap, stream_env,
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert re.search(r"^somna_replies_total [1-9]", text, re.M)
     assert "somna_turn_latency_seconds_bucket" in text
+    # Consumer lag is sampled by a timer: wait for its first report.
+    url = f"http://127.0.0.1:{port}/metrics"
+    await _wait_for(lambda: "somna_consumer_lag{" in urllib.request.urlopen(url).read().decode())
 
 
 async def test_demo_users_get_answers(kafka_bootstrap, stream_env, start_worker, tmp_path):
@@ -72,19 +75,32 @@ async def test_bad_input_goes_to_dead_letters_and_the_next_event_is_answered(
     payloads["unsafe scope"] = json.dumps(unsafe).encode()
     payloads["key mismatch"] = turn(unique("other"), "hi").to_bytes()
     items = [(scope.encode(), raw) for raw in payloads.values()]
-    async with TopicReader(kafka_bootstrap, DEAD_LETTERS) as dead, TopicReader(
-        kafka_bootstrap, REPLIES
-    ) as replies:
+    async with (
+        TopicReader(kafka_bootstrap, DEAD_LETTERS) as dead,
+        TopicReader(kafka_bootstrap, REPLIES) as replies,
+    ):
         await produce(kafka_bootstrap, INTERACTIONS, [*items, (scope.encode(), good.to_bytes())])
-        letters = await dead.collect(lambda rs: len(rs) >= len(items), keep=lambda r: r.key == scope.encode())
-        answered = await replies.collect(lambda rs: len(rs) >= 1, keep=lambda r: r.key == scope.encode())
+        letters = await dead.collect(
+            lambda rs: len(rs) >= len(items), keep=lambda r: r.key == scope.encode()
+        )
+        answered = await replies.collect(
+            lambda rs: len(rs) >= 1, keep=lambda r: r.key == scope.encode()
+        )
     assert Reply.model_validate_json(answered[0].value).event_id == good.event_id
     decoded = [json.loads(r.value) for r in letters]
     assert len({d["offset"] for d in decoded}) == len(decoded) == len(items)
     assert [base64.b64decode(d["payload"]) for d in decoded] == list(payloads.values())
     assert all(d["source_topic"] == INTERACTIONS and d["offset"] >= 0 for d in decoded)
     reasons = " | ".join(d["error"] for d in decoded)
-    for word in ("not JSON", "UTF-8", "Field required", "schema_version", "over the limit", "scope_id", "Kafka key"):
+    for word in (
+        "not JSON",
+        "UTF-8",
+        "Field required",
+        "schema_version",
+        "over the limit",
+        "scope_id",
+        "Kafka key",
+    ):
         assert word in reasons, (word, reasons)
 
 
@@ -96,9 +112,10 @@ async def test_a_full_chunk_emits_a_sleep_job_then_idle_and_retraction_jobs(
     start_worker(stream_env, ("consolidator",))
     turns = [turn(scope, f"fact number {i}.", role="system") for i in range(4)]  # 17 tokens each
     mine = lambda r: r.key == scope.encode()  # noqa: E731
-    async with TopicReader(kafka_bootstrap, SLEEP_JOBS) as jobs, TopicReader(
-        kafka_bootstrap, INTERACTIONS
-    ) as sent:
+    async with (
+        TopicReader(kafka_bootstrap, SLEEP_JOBS) as jobs,
+        TopicReader(kafka_bootstrap, INTERACTIONS) as sent,
+    ):
         await send_turns(kafka_bootstrap, turns)
         offsets = [r.offset for r in await sent.collect(lambda rs: len(rs) >= 4, keep=mine)]
         got = await jobs.collect(lambda rs: len(rs) >= 1, keep=mine)
@@ -107,22 +124,37 @@ async def test_a_full_chunk_emits_a_sleep_job_then_idle_and_retraction_jobs(
         assert (job.from_watermark, job.to_watermark) == (offsets[0], offsets[2])  # 51 >= 40
         # Its fast weights come back: the idle rest (offset 3) is consolidated next.
         done = FastWeightsPublished(
-            scope_id=scope, version="1", artifact_uri="mlflow-artifacts:/x", sha256="0" * 64,
-            watermark=job.to_watermark, base_model_version="1", job_id=job.job_id,
-        )  # fmt: skip
+            scope_id=scope,
+            version="1",
+            artifact_uri="mlflow-artifacts:/x",
+            sha256="0" * 64,
+            watermark=job.to_watermark,
+            base_model_version="1",
+            job_id=job.job_id,
+        )
         await produce(kafka_bootstrap, FAST_WEIGHTS, [(scope.encode(), done.to_bytes())])
         got = await jobs.collect(lambda rs: len(rs) >= 1, keep=mine)
         idle = SleepJob.model_validate_json(got[0].value)
-        assert (idle.reason, idle.from_watermark, idle.to_watermark) == ("idle", offsets[3], offsets[3])
+        assert (idle.reason, idle.from_watermark, idle.to_watermark) == (
+            "idle",
+            offsets[3],
+            offsets[3],
+        )
         assert idle.parent_version == "1"
         # A retraction rebuilds what was consolidated, once the idle job's weights are back.
-        done2 = done.model_copy(update={"version": "2", "watermark": offsets[3], "job_id": idle.job_id})
+        done2 = done.model_copy(
+            update={"version": "2", "watermark": offsets[3], "job_id": idle.job_id}
+        )
         retraction = Retraction(scope_id=scope, event_id=turns[0].event_id, ts=0.0)
         await produce(kafka_bootstrap, FAST_WEIGHTS, [(scope.encode(), done2.to_bytes())])
         await produce(kafka_bootstrap, RETRACTIONS, [(scope.encode(), retraction.to_bytes())])
         got = await jobs.collect(lambda rs: len(rs) >= 1, keep=mine)
         rebuild = SleepJob.model_validate_json(got[0].value)
-        assert (rebuild.reason, rebuild.to_watermark, rebuild.parent_version) == ("retraction", offsets[3], None)
+        assert (rebuild.reason, rebuild.to_watermark, rebuild.parent_version) == (
+            "retraction",
+            offsets[3],
+            None,
+        )
 
 
 async def test_history_holds_each_event_once_after_a_restart(

@@ -1,0 +1,84 @@
+"""With the shipped trained checkpoint: a retracted fact is no longer recalled after the
+rebuild, while the other facts still are. Skipped (saying why) when the checkpoint does
+not recall the facts in the first place: then only the purge and the rebuild lineage,
+tested in test_retraction.py, can be asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from consolidation import registry
+from consolidation.batch import run_batch
+from consolidation.planner import plan_job
+from consolidation.retraction import apply
+from infra.settings import Settings
+from streams.history import write_rows
+from streams.records import SleepJob
+from tests.consolidation.conftest import history_rows, scope_id
+
+pytestmark = pytest.mark.mlflow
+
+CHAINS = [["kim", "bob", "tav", "lem"], ["sam", "dex", "vin", "rup"], ["nal", "mop", "ged", "hux"]]
+
+
+def _chunk_texts(chunk: int) -> list[list[str]]:
+    """Per chain: its facts (shuffled) in one turn, then a filler turn up to ``chunk`` tokens."""
+    from model.tasks.common import _chatter
+    from model.tokenizer import render_turn
+
+    rng = random.Random(0)
+    out = []
+    for people in CHAINS:
+        facts = [f"{a} reports to {b}." for a, b in zip(people, people[1:], strict=False)]
+        rng.shuffle(facts)
+        text = " ".join(facts)
+        room = chunk - len(render_turn("user", text)) - 2
+        out.append([text, _chatter(rng, max(1, room))])
+    return out
+
+
+def _answer(base, weights: dict, person: str) -> str:
+    from model import MemoryState
+    from model.tokenizer import ASSISTANT, ByteTokenizer, render_turn
+
+    state = MemoryState.from_fast_weights(weights, base.lm.config)
+    prompt = render_turn("user", f"who is {person}'s boss?") + [ASSISTANT]
+    return ByteTokenizer().decode(base.lm.generate(prompt, state, max_new_tokens=8)).strip()
+
+
+def test_retracted_fact_is_no_longer_recalled(mlflow_uri, base_model, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    chunk = base_model.lm.config.chunk
+    settings = Settings(data_dir=tmp_path / "somna", mlflow_uri=mlflow_uri, kafka_bootstrap="127.0.0.1:1",
+                        chunk_tokens=chunk, sleep_passes=base_model.lm.config.sleep_passes)  # fmt: skip
+    scope = scope_id("recall")
+    texts = [t for pair in _chunk_texts(chunk) for t in pair]
+    write_rows(
+        settings.history_dir, "somna.interactions", 0, history_rows(scope, texts, first_offset=0)
+    )
+    for c in range(len(CHAINS)):
+        job = SleepJob(job_id=f"job-{scope}-{c}", scope_id=scope, from_watermark=2 * c,
+                       to_watermark=2 * c + 1, passes=settings.sleep_passes)  # fmt: skip
+        plan = asyncio.run(plan_job(settings, base_model, job, 0))
+        run_batch(mlflow_uri, base_model, [plan.task], passes=settings.sleep_passes, device="cpu")
+    live = registry.latest_live(mlflow_uri, scope)
+    weights = registry.load_fast_weights(mlflow_uri, live, scope).tensors
+    before = {people[0]: _answer(base_model, weights, people[0]) for people in CHAINS}
+    recalled = [p for p in CHAINS if before[p[0]] == p[1] + "."]
+    if len(recalled) < len(CHAINS):
+        pytest.skip(
+            f"the base model (v{base_model.version}) does not recall the facts before any retraction "
+            f"(answers {before}); recall after retraction cannot be tested with it"
+        )
+    result = asyncio.run(
+        apply(settings, base_model, scope, f"{scope}-e2", "wrong")
+    )  # chain 1's facts
+    after_w = registry.load_fast_weights(mlflow_uri, result.published, scope).tensors
+    after = {people[0]: _answer(base_model, after_w, people[0]) for people in CHAINS}
+    assert after["sam"] != "dex."
+    assert after["kim"] == "bob." and after["nal"] == "mop."
