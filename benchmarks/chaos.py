@@ -44,8 +44,9 @@ def table(rows: list[dict]) -> Table:
         "dup",
         "misrouted",
         "dead-lettered",
-        "recover (reply)",
-        "recover (weights)",
+        "recover reply",
+        "recover weights",
+        "recover history",
         "restarts",
     ):
         t.add_column(col, justify="left" if col == "scenario" else "right")

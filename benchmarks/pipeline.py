@@ -285,6 +285,25 @@ async def closed_loop(bootstrap: str, scopes: list[str], turns_each: int) -> lis
     return latencies
 
 
+async def skip_to_end(bootstrap: str, group: str) -> None:
+    """Commit the current end of the agent's topics as ``group``'s starting point."""
+    from infra.topics import FAST_WEIGHTS, RETRACTIONS
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [
+            TopicPartition(t, p)
+            for t in (INTERACTIONS, FAST_WEIGHTS, RETRACTIONS)
+            for p in range(PARTITIONS)
+        ]
+        c.assign(tps)
+        ends = await c.end_offsets(tps)
+        await c.commit({tp: off for tp, off in ends.items()})
+    finally:
+        await c.stop()
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -297,6 +316,8 @@ def latency(bootstrap: str, uri: str, tmp: Path, users: int, turns: int) -> dict
     if version is None:
         registry.ensure_base_model(uri)  # the shipped checkpoint
     env = worker_env(bootstrap, uri, tmp, "model")
+    # The throughput backlog is not for the model: the new group starts after it.
+    asyncio.run(skip_to_end(bootstrap, env["SOMNA_STREAM_GROUP"]))
     worker = spawn(["-m", "streams.worker", "agent"], env, tmp / "worker-model.log")
     out: dict = {"users": users, "turns_per_user": turns}
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -60,6 +61,7 @@ class Bench:
         self.pending_probe: dict[str, tuple[str, float]] = {}  # scope -> (version, t_publish)
         self.asked: dict[str, float] = {}  # event_id -> send time (baseline probes)
         self.in_flight: dict[str, str] = {}  # scope -> event_id of its unanswered probe
+        self.published_at: dict[tuple[str, str], float] = {}  # (scope, version) -> publish time
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
 
     async def _consumer(self, topic: str) -> AIOKafkaConsumer:
@@ -109,6 +111,7 @@ class Bench:
                         covered = [t for o, t in waiting if o <= pub.watermark]
                         self.lags += [t_recv - t for t in covered]
                         self.sent[pub.scope_id] = [(o, t) for o, t in waiting if o > pub.watermark]
+                        self.published_at[(pub.scope_id, pub.version)] = r.timestamp / 1000.0
                         if pub.scope_id in self.probed:
                             self.pending_probe[pub.scope_id] = (pub.version, r.timestamp / 1000.0)
         finally:
@@ -189,7 +192,24 @@ async def _measure(
         "swaps": bench.swaps,
         "baseline": bench.baseline,
         "unresolved": unresolved,
+        "published_at": bench.published_at,
     }
+
+
+_SWAP_LINE = re.compile(
+    r"^(\S+ \S+),(\d{3}) INFO streams\.agent: fast weights (\S+) v(\S+) @\S+: swapped"
+)
+
+
+def agent_swap_delays(stream_log: Path, published_at: dict[tuple[str, str], float]) -> list[float]:
+    """Diagnostic split of the hot swap: publish -> the agent logs the swap as done."""
+    delays = []
+    for line in stream_log.read_text(errors="replace").splitlines():
+        m = _SWAP_LINE.match(line)
+        if m and (m[3], m[4]) in published_at:
+            t = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+            delays.append(t - published_at[(m[3], m[4])])
+    return delays
 
 
 def _summary(values: list[float]) -> dict:
@@ -221,6 +241,8 @@ def run(quick: bool, json_path: Path | None) -> dict:
             try:
                 time.sleep(15)  # workers join their groups
                 raw = asyncio.run(_measure(bootstrap, n_scopes, seconds, rate, n_probed))
+                time.sleep(1)  # the agent's log lines of the last swaps
+                raw["agent_swaps"] = agent_swap_delays(tmp / "stream.log", raw["published_at"])
             finally:
                 for p in procs:
                     stop(p)
@@ -234,7 +256,8 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "bench": "swap", "quick": quick, "scopes": n_scopes, "probed_scopes": n_probed,
         "load_seconds": seconds, "turns_per_scope_per_s": rate, "chunk_tokens": CHUNK_TOKENS,
         "idle_seconds": IDLE_SECONDS, "passes": PASSES, "base_model_version": base.version,
-        "hot_swap": swap, "reply_baseline": baseline, "consolidation_lag": lag,
+        "hot_swap": swap, "reply_baseline": baseline,
+        "publish_to_agent_swapped": _summary(raw["agent_swaps"]), "consolidation_lag": lag,
         "unresolved_events": raw["unresolved"],
         "swap_p99_over_baseline_p99": (swap["p99_ms"] / baseline["p99_ms"])
         if swap["p99_ms"] and baseline["p99_ms"] else None,
@@ -265,6 +288,11 @@ def _print(r: dict) -> None:
     ratio = r["swap_p99_over_baseline_p99"]
     row("hot swap: publish -> first reply with it", r["hot_swap"],
         f"target p99 < 200 ms; x{ratio:.2f} of baseline p99" if ratio else "target p99 < 200 ms")  # fmt: skip
+    row(
+        "  of which: publish -> agent swapped",
+        r["publish_to_agent_swapped"],
+        "from the agent's log",
+    )
     row("reply round trip (baseline, no swap)", r["reply_baseline"], "same run")
     row("consolidation lag: event -> live version", r["consolidation_lag"],
         f"chunk {r['chunk_tokens']} tok, idle {r['idle_seconds']} s, N={r['passes']}; "

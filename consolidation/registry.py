@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +215,18 @@ def shipped_checkpoint(name: str = "facts-n4") -> Path:
     return found[0]
 
 
-def register_base_model(tracking_uri: str, checkpoint_dir: Path, *, alias: str = PRODUCTION) -> str:
-    """Log a checkpoint dir as the artifacts of a run, register it, point ``alias`` at it."""
+def register_base_model(
+    tracking_uri: str,
+    checkpoint_dir: Path,
+    *,
+    alias: str = PRODUCTION,
+    only_if_missing: bool = False,
+) -> str:
+    """Log a checkpoint dir as the artifacts of a run, register it, point ``alias`` at it.
+
+    With ``only_if_missing`` the alias is left alone when another process set it meanwhile
+    (workers starting together), and the version it points at is returned.
+    """
     c = client(tracking_uri)
     run = c.create_run(
         experiment_id(c, BASE_EXPERIMENT),
@@ -231,6 +242,10 @@ def register_base_model(tracking_uri: str, checkpoint_dir: Path, *, alias: str =
         run_id=run.info.run_id,
         tags={"checkpoint": checkpoint_dir.name},
     )
+    if only_if_missing:
+        winner = _get_by_alias(c, BASE_MODEL_NAME, alias)
+        if winner is not None:
+            return str(winner.version)
     c.set_registered_model_alias(BASE_MODEL_NAME, alias, mv.version)
     log.info("registered base model %s version %s as %r", checkpoint_dir, mv.version, alias)
     return str(mv.version)
@@ -283,7 +298,7 @@ def ensure_base_model(
     version = base_model_version(tracking_uri, alias=alias)
     if version is None:
         version = register_base_model(
-            tracking_uri, checkpoint_dir or shipped_checkpoint(), alias=alias
+            tracking_uri, checkpoint_dir or shipped_checkpoint(), alias=alias, only_if_missing=True
         )
     local = download_base_model(tracking_uri, version)
     lm = HybridLM.load(local)
@@ -538,14 +553,16 @@ def load_fast_weights(
 # the sha256 the registry holds, so the registry checks above still run on every load.
 _CACHE: OrderedDict[tuple[str, str, str, str], FastWeights] = OrderedDict()
 _CACHE_SIZE = 4096
+_CACHE_LOCK = threading.Lock()  # planners and registering threads share it
 
 
 def _cache_get(uri: str, scope: str, pub: FastWeightsPublished) -> FastWeights | None:
     key = (uri, scope, pub.version, pub.sha256)
-    fw = _CACHE.get(key)
-    if fw is not None:
-        _CACHE.move_to_end(key)
-    return fw
+    with _CACHE_LOCK:
+        fw = _CACHE.get(key)
+        if fw is not None:
+            _CACHE.move_to_end(key)
+        return fw
 
 
 def remember(
@@ -553,11 +570,13 @@ def remember(
 ) -> None:
     """Cache what this process just registered (the tensors it wrote, not a download)."""
     key = (uri, pub.scope_id, pub.version, pub.sha256)
-    _CACHE[key] = FastWeights(
+    fw = FastWeights(
         pub.scope_id, pub.version, tensors, metadata, pub.watermark, pub.base_model_version
     )
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        _CACHE[key] = fw
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 # --- retractions: tombstones the sleep workers honour --------------------------------------

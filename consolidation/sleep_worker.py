@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from consolidation import metrics, registry
 from consolidation.batch import pick_device, run_batch
@@ -39,13 +40,13 @@ log = logging.getLogger(__name__)
 GROUP_ID = "somna-sleep"
 MAX_BATCH_TOKENS = 32_768  # tokens of all scopes in one batched sleep
 PLAN_RETRIES = 5
+PLAN_CONCURRENCY = 8  # jobs planned at once (registry round trips, artifact downloads)
 MAX_FAILURES = 3  # a batch whose first record fails this often: that record is dead-lettered  # a job whose events are not readable yet is retried this often, 1 s apart
 
 
 @dataclass
 class _Group:
     plans: list[Plan] = field(default_factory=list)
-    scopes: set[str] = field(default_factory=set)
     tokens: int = 0
     offsets: dict = field(default_factory=dict)  # TopicPartition -> next offset to commit
 
@@ -78,42 +79,69 @@ class SleepWorker:
         )
 
     async def handle(self, records: list) -> None:
-        """Handle fetched records in offset order; commits after each flushed group."""
-        group = _Group()
+        """Handle fetched records in offset order.
+
+        Jobs of distinct scopes form a wave, planned concurrently (planning is mostly round
+        trips to the registry) and slept in batches of up to ``max_batch_tokens``; a second
+        job of a scope starts the next wave, since its parent is the first one's result.
+        Offsets are committed once a wave is published.
+        """
+        wave: list[tuple[Any, SleepJob | None]] = []
+        scopes: set[str] = set()
         for rec in records:
-            tp = _tp(rec)
             if rec.topic == RETRACTIONS:
-                await self.flush(group)
-                group = _Group()
+                await self._run_wave(wave)
+                wave, scopes = [], set()
                 await self.retract(rec)
-                await self.consumer.commit({tp: rec.offset + 1})
+                await self.consumer.commit({_tp(rec): rec.offset + 1})
                 continue
             job = await self.dlq.decode(
                 rec.value, SleepJob, key=rec.key, topic=rec.topic,
                 partition=rec.partition, offset=rec.offset,
             )  # fmt: skip
-            if job is None or not self.accept(job.scope_id):
-                group.offsets[tp] = rec.offset + 1
-                continue
-            if job.scope_id in group.scopes:  # its parent is in this group: run that first
-                await self.flush(group)
-                group = _Group()
-            plan = await self._plan(job, rec.partition)
-            tokens = plan.task.tokens if plan and plan.task else 0
+            if job is not None and not self.accept(job.scope_id):
+                job = None
+            if job is not None and job.scope_id in scopes:
+                await self._run_wave(wave)
+                wave, scopes = [], set()
+            wave.append((rec, job))
+            if job is not None:
+                scopes.add(job.scope_id)
+        await self._run_wave(wave)
+
+    async def _run_wave(self, wave: list[tuple[Any, SleepJob | None]]) -> None:
+        if not wave:
+            return
+        limit = asyncio.Semaphore(PLAN_CONCURRENCY)
+
+        async def plan(rec, job: SleepJob) -> Plan | None:
+            async with limit:
+                return await self._plan(job, rec.partition)
+
+        jobs = [(rec, job) for rec, job in wave if job is not None]
+        plans = await asyncio.gather(*(plan(rec, job) for rec, job in jobs))
+        group = _Group()
+        for p in plans:
+            tokens = p.task.tokens if p is not None and p.task else 0
             if group.plans and group.tokens + tokens > self.max_batch_tokens:
                 await self.flush(group)
                 group = _Group()
-            if plan is not None:
-                group.plans.append(plan)
-                group.scopes.add(job.scope_id)
+            if p is not None:
+                group.plans.append(p)
                 group.tokens += tokens
-            group.offsets[tp] = rec.offset + 1
+        for rec, _ in wave:
+            group.offsets[_tp(rec)] = rec.offset + 1  # records come in offset order
         await self.flush(group)
 
     async def _plan(self, job: SleepJob, partition: int) -> Plan | None:
         for attempt in range(PLAN_RETRIES):
             try:
-                return await plan_job(self.settings, self.base, job, partition, self.reader)
+                t0 = time.perf_counter()
+                plan = await plan_job(self.settings, self.base, job, partition, self.reader)
+                log.debug(
+                    "planned %s (%s) in %.3fs", job.job_id, plan.outcome, time.perf_counter() - t0
+                )
+                return plan
             except HistoryError as e:
                 log.info("job %s not ready (%s), try %d", job.job_id, e, attempt + 1)
                 await asyncio.sleep(1.0)
@@ -127,6 +155,7 @@ class SleepWorker:
         done = [p.done for p in group.plans if p.done is not None]
         tasks = [p.task for p in group.plans if p.task is not None]
         published: list[FastWeightsPublished] = []
+        t0 = time.perf_counter()
         if tasks:
             published, _ = await asyncio.to_thread(
                 run_batch, self.settings.tracking_uri, self.base, tasks,
@@ -135,10 +164,16 @@ class SleepWorker:
             fault_point("after_register")
         for p in group.plans:
             metrics.JOBS.labels(outcome=p.outcome).inc()
+        t1 = time.perf_counter()
         if done or published:
             await send_all(self.producer, [*done, *published])
         if group.offsets:
             await self.consumer.commit(dict(group.offsets))
+        if group.plans:
+            log.info(
+                "batch of %d job(s): %d slept and registered in %.2fs, published+committed in %.2fs",
+                len(group.plans), len(tasks), t1 - t0, time.perf_counter() - t1,
+            )  # fmt: skip
 
     async def retract(self, rec) -> None:
         from consolidation.retraction import apply

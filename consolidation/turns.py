@@ -9,6 +9,7 @@ out wherever they come from (the Kafka log still holds their text).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class TopicReader:
         self.bootstrap = bootstrap
         self.timeout_s = timeout_s
         self._consumer = None
+        self._lock = asyncio.Lock()  # one assignment at a time: jobs are planned concurrently
 
     async def start(self) -> TopicReader:
         from aiokafka import AIOKafkaConsumer
@@ -73,6 +75,10 @@ class TopicReader:
 
     async def read(self, scope_id: str, partition: int, lo: int, hi: int) -> list[Turn]:
         """Interactions of ``scope_id`` at ``lo <= offset <= hi`` of the partition."""
+        async with self._lock:
+            return await self._read(scope_id, partition, lo, hi)
+
+    async def _read(self, scope_id: str, partition: int, lo: int, hi: int) -> list[Turn]:
         from aiokafka import TopicPartition
 
         from streams.records import Interaction, InvalidEvent, decode

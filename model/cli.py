@@ -40,6 +40,9 @@ def train_command(
     lm_weight: Annotated[
         float, typer.Option(help="Auxiliary next-token loss on all tokens (0 = answers only).")
     ] = 0.0,
+    slow_decay_init: Annotated[
+        bool, typer.Option(help="Start GDN heads with slow decay (long memory).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of init and training data.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between quick evaluations.")] = 250,
     eval_examples: Annotated[int, typer.Option(help="Held-out examples per eval seed.")] = 64,
@@ -78,6 +81,7 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         lm_weight=lm_weight,
+        slow_decay_init=slow_decay_init,
         seed=seed,
         eval_every=eval_every,
         eval_examples=eval_examples,

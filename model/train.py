@@ -66,6 +66,10 @@ class TrainConfig:
     # the paper). Chatter repeats across chunks, so predicting it after eviction trains the
     # same key -> value recall through S with far denser signal than the answers alone.
     lm_weight: float = 0.0
+    # Start every GDN head with a slow decay (a_t in ~0.96..0.999): the stock init lets
+    # some heads forget within ~10 tokens, and with N sleep passes per chunk the decay of
+    # older chunks compounds N times, so gradients to keep a fact across chunks vanish.
+    slow_decay_init: bool = False
     max_minutes: float = 0.0  # wall-clock budget (0 = none): the schedule follows whichever
     # of steps or time runs out first, so a run on a shared CPU still ends on time
     seed: int = 0
@@ -269,6 +273,8 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = HybridLM(cfg.model_config()).to(device)
+    if cfg.slow_decay_init:
+        slow_decay_init(lm)
     decay = [p for p in lm.parameters() if p.dim() >= 2]
     no_decay = [p for p in lm.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -339,6 +345,19 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
     }
     out = save_checkpoint(lm, cfg, metrics, history) if cfg.out else None
     return TrainResult(metrics=metrics, out=out, history=history)
+
+
+@torch.no_grad()
+def slow_decay_init(lm: HybridLM) -> None:
+    """Re-draw each GDN head's decay so a_t = exp(-A * dt) starts in about 0.96..0.999."""
+    from model.blocks import GatedDeltaNet
+
+    for module in lm.modules():
+        if isinstance(module, GatedDeltaNet):
+            H = module.A_log.shape[0]
+            module.A_log.copy_(torch.empty(H).uniform_(1, 4).log())
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-2)))
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
 
 def save_checkpoint(

@@ -78,8 +78,13 @@ def install(
                     offset=msg.offset,
                 )
                 metrics.EVENTS.labels(role="agent", topic=msg.topic).inc()
-                if event is not None:
-                    turns.append(Turn(event, msg.partition, msg.offset, msg.timestamp))
+                if event is None:
+                    continue
+                turn = Turn(event, msg.partition, msg.offset, msg.timestamp)
+                # An old turn of a scope not in memory: nothing to do now; the loader
+                # reads it back from the topic if the scope speaks again.
+                if not (turn.stale and not engine.loaded(event.scope_id)):
+                    turns.append(turn)
             if not turns:
                 continue
             await _load_missing(turns)

@@ -39,6 +39,9 @@ def demo(
     duration: Annotated[float, typer.Option(help="Seconds to run (0 = until Ctrl-C).")] = 0.0,
     think: Annotated[float, typer.Option(help="Seconds each user waits between turns.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the dialogues.")] = 0,
+    chunk: Annotated[
+        int, typer.Option(help="Tokens per chunk of the dialogues (the model's training chunk).")
+    ] = 64,
 ) -> None:
     """Simulated users speaking the facts task, with a live view of the service."""
     from infra.settings import Settings
@@ -46,7 +49,11 @@ def demo(
     from streams.demo import run_demo
 
     try:
-        run_sync(run_demo(Settings(), users=users, duration=duration, think=think, seed=seed))
+        run_sync(
+            run_demo(
+                Settings(), users=users, duration=duration, think=think, seed=seed, chunk=chunk
+            )
+        )
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

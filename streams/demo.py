@@ -27,6 +27,9 @@ from infra.topics import FAST_WEIGHTS, INTERACTIONS, SLEEP_JOBS
 from streams.chat import ReplyWaiter, make_producer
 from streams.records import Interaction, new_id, now
 
+# Tokens per chunk of the generated dialogues: the facts task's (and the shipped model's).
+DIALOGUE_CHUNK = 64
+
 
 @dataclass
 class Step:
@@ -136,7 +139,7 @@ async def run_demo(
     duration: float = 0.0,
     think: float = 0.2,
     seed: int = 0,
-    chunk: int | None = None,
+    chunk: int = DIALOGUE_CHUNK,
     timeout: float = 60.0,
     live: bool = True,
 ) -> Stats:
@@ -158,7 +161,7 @@ async def run_demo(
     async def user(u: int) -> None:
         scope, rng, n = f"demo-{run_id}-{u}", random.Random(seed * 1000 + u), 0
         while not stop.is_set():
-            for step in dialogue(rng.randrange(1 << 30), chunk or settings.chunk_tokens):
+            for step in dialogue(rng.randrange(1 << 30), chunk):
                 if stop.is_set():
                     return
                 event = Interaction(

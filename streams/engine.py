@@ -13,6 +13,10 @@ from typing import Any, Protocol
 
 from streams.records import FastWeightsPublished, Interaction, Reply, Retraction, reply_id_for
 
+# A user turn older than this is remembered but not answered: the asker has gone, and a
+# new consumer group starting from the earliest offset must not answer the whole log.
+STALE_TURN_SECONDS = 300.0
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -22,6 +26,15 @@ class Turn:
     partition: int
     offset: int
     produced_at: float | None  # the record's timestamp, seconds (producer clock)
+
+    @property
+    def stale(self) -> bool:
+        """Produced so long ago that nobody waits for its reply (a new group's backlog)."""
+        return self.produced_at is not None and time.time() - self.produced_at > STALE_TURN_SECONDS
+
+    @property
+    def wants_reply(self) -> bool:
+        return self.event.role == "user" and not self.stale
 
     def latency_ms(self) -> float:
         if not self.produced_at:
@@ -92,11 +105,7 @@ class NullEngine:
         pass
 
     def answer(self, turns: list[Turn]) -> list[Reply]:
-        return [
-            make_reply(t, "ok", self.base_model_version, None)
-            for t in turns
-            if t.event.role == "user"
-        ]
+        return [make_reply(t, "ok", self.base_model_version, None) for t in turns if t.wants_reply]
 
     def swap(self, published: FastWeightsPublished, weights: Any) -> str:
         return "ignored"

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.settings import Settings
-from infra.topics import INTERACTIONS
+from infra.topics import INTERACTIONS, RETRACTIONS
 from streams.engine import ScopeSnapshot
-from streams.records import FastWeightsPublished, Interaction, InvalidEvent, decode
+from streams.records import (
+    Event,
+    FastWeightsPublished,
+    Interaction,
+    InvalidEvent,
+    Retraction,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 
 LIVE_ATTEMPTS = 3
+E = TypeVar("E", bound=Event)
 
 
 class ScopeLoader:
@@ -86,20 +94,36 @@ class ScopeLoader:
         }
         start, end = min(after.values()) + 1, max(upto.values())
         if start < end:
-            for offset, event in await self._read(partition, start, end, set(upto)):
+            # The topic keeps retracted events (Kafka cannot delete one): skip those.
+            retracted = {
+                (r.scope_id, r.event_id)
+                for _, r in await self._read(RETRACTIONS, partition, 0, None, set(upto), Retraction)
+            }
+            events = await self._read(INTERACTIONS, partition, start, end, set(upto), Interaction)
+            for offset, event in events:
+                if (event.scope_id, event.event_id) in retracted:
+                    continue
                 if after[event.scope_id] < offset < upto[event.scope_id]:
                     snapshots[event.scope_id].events.append((offset, event))
         return snapshots
 
     async def _read(
-        self, partition: int, start: int, end: int, scopes: set[str]
-    ) -> list[tuple[int, Interaction]]:
-        """Valid interactions of ``scopes`` with ``start <= offset < end``, in order."""
-        tp = TopicPartition(INTERACTIONS, partition)
-        out: list[tuple[int, Interaction]] = []
+        self,
+        topic: str,
+        partition: int,
+        start: int,
+        end: int | None,
+        scopes: set[str],
+        kind: type[E],
+    ) -> list[tuple[int, E]]:
+        """Valid events of ``scopes`` with ``start <= offset < end`` (None: the end now)."""
+        tp = TopicPartition(topic, partition)
+        out: list[tuple[int, E]] = []
         async with self._lock:
             consumer = await self._get_consumer()
             consumer.assign([tp])
+            if end is None:
+                end = (await consumer.end_offsets([tp]))[tp]
             consumer.seek(tp, start)
             while await consumer.position(tp) < end:
                 batch = await consumer.getmany(tp, timeout_ms=1000)
@@ -111,7 +135,7 @@ class ScopeLoader:
                         continue
                     try:
                         event = decode(
-                            record.value, Interaction, max_text_bytes=self.settings.max_text_bytes
+                            record.value, kind, max_text_bytes=self.settings.max_text_bytes
                         )
                     except InvalidEvent:
                         continue  # already dead-lettered when it was first consumed

@@ -134,7 +134,7 @@ class ModelEngine:
             mem = self._touch(turn)
             tokens = render_turn(turn.event.role, turn.event.text)
             fresh = self._remember(mem, turn, tokens)
-            if turn.event.role == "user":
+            if turn.wants_reply:
                 # A redelivered turn is in memory already, maybe not last: ask it again.
                 prompt = self._assistant if fresh else tokens + self._assistant
                 ids = self.lm.generate(prompt, mem.state, max_new_tokens=self.max_new_tokens)

@@ -136,7 +136,9 @@ def decode(raw: bytes | None, kind: type[E], *, max_text_bytes: int = DEFAULT_MA
         raise InvalidEvent(f"payload is a JSON {type(obj).__name__}, expected an object")
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InvalidEvent(f"unknown schema_version {version!r} (this worker reads {SCHEMA_VERSION})")
+        raise InvalidEvent(
+            f"unknown schema_version {version!r} (this worker reads {SCHEMA_VERSION})"
+        )
     body = obj.get("text")
     if isinstance(body, str) and len(body.encode("utf-8")) > max_text_bytes:
         raise InvalidEvent(

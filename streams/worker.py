@@ -79,10 +79,6 @@ def build(
             engine = ENGINES[name](settings)
         agent.install(app, topics, dlq, settings, engine)
 
-    @app.timer(interval=5.0)
-    async def report_lag() -> None:
-        await report_consumer_lag(app)
-
     if "history" in roles:
         from streams import history
 
@@ -91,6 +87,11 @@ def build(
         from streams import consolidator
 
         consolidator.install(app, topics, dlq, settings)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        await report_consumer_lag(app)
+
     return app
 
 

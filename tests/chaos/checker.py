@@ -298,7 +298,7 @@ def registry_audit(tracking_uri: str, scopes: set[str]) -> dict:
     from consolidation.registry import fast_weights_model_name
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    versions = wrong_scope = 0
+    versions = wrong_scope = retraction_versions = 0
     jobs: dict[str, int] = defaultdict(int)
     for scope in sorted(scopes):
         name = fast_weights_model_name(scope)
@@ -307,8 +307,10 @@ def registry_audit(tracking_uri: str, scopes: set[str]) -> dict:
             if mv.tags.get("scope_id") != scope:
                 wrong_scope += 1
             jobs[mv.tags.get("job_id", "?")] += 1
+            retraction_versions += mv.tags.get("reason") == "retraction"
     return {
         "registered_versions": versions,
         "registered_for_wrong_scope": wrong_scope,
         "jobs_registered_twice": sum(1 for n in jobs.values() if n > 1),
+        "versions_from_retractions": retraction_versions,
     }

@@ -130,6 +130,7 @@ class Cluster:
         self.mlflow_dir = self.root / "mlflow"
         # The workers share one data dir (the sleep worker reads the stream worker's history).
         self.data_dir = self.root / "workers"
+        self.tmpfs_error = "no tmpfs asked for"
         self.tmpfs = self._mount_tmpfs(tmpfs_mb) if tmpfs_mb else None
         self.worker_env = {
             **os.environ,

@@ -326,7 +326,7 @@ def disk_full(cluster: Cluster, size: Size = QUICK, full_s: float = 6.0) -> Outc
     """Fill the workers' data dir (a tmpfs) while the history writes Parquet, then free it."""
     out = Outcome("disk full")
     if cluster.tmpfs is None:
-        out.notes.append(f"no tmpfs: {getattr(cluster, 'tmpfs_error', 'not mounted')}")
+        out.notes.append(f"no tmpfs: {cluster.tmpfs_error}")
         return out
     before = cluster.crashes()
     scopes, load = _load(cluster, "disk", size)
@@ -387,6 +387,9 @@ def poison(cluster: Cluster, size: Size = QUICK, rounds: int = 3) -> Outcome:
         if s.topic == INTERACTIONS and (s.topic, s.partition, s.offset) not in letters
     )
     out.details["path_scope_leaked"] = _path_scope_leaked(cluster)
+    # Retractions of events that never existed: a rebuild (a new version) for nothing.
+    audit = registry_audit(cluster.mlflow_uri, {scopes[0]})
+    out.details["versions_from_bogus_retractions"] = audit["versions_from_retractions"]
     return out
 
 

@@ -158,3 +158,12 @@ class TopicReader:
             for records in batches.values():
                 out += [r for r in records if keep(r)]
         return out
+
+
+async def answered(bootstrap: str, scope: str, timeout: float = 300.0) -> None:
+    """Send a user turn and wait for its reply: the agent is up and past its backlog."""
+    async with TopicReader(bootstrap, "somna.replies") as replies:
+        await send_turns(bootstrap, [turn(scope, "ready?")])
+        await replies.collect(
+            lambda rs: len(rs) >= 1, timeout, keep=lambda r: r.key == scope.encode()
+        )

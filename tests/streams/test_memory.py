@@ -121,3 +121,10 @@ def test_a_rebalance_forgets_the_scopes_of_lost_partitions(lm):
     engine.answer([_turn(0, scope="a"), Turn(_turn(1, scope="b").event, 3, 1, None)])
     assert engine.keep_partitions({3}) == 1
     assert not engine.loaded("a") and engine.loaded("b")
+
+
+def test_a_stale_user_turn_is_remembered_but_not_answered(lm):
+    engine = ModelEngine(lm, base_model_version="7")
+    old = Turn(_turn(0, role="user").event, 0, 0, produced_at=1.0)  # 1970: nobody waits
+    assert engine.answer([old]) == []
+    assert [e.offset for e in engine.memory("u1").state.pending_events] == [0]

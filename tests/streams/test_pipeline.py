@@ -11,7 +11,7 @@ from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETR
 from streams.history import read_history
 from streams.records import FastWeightsPublished, Reply, Retraction, SleepJob, reply_id_for
 
-from .conftest import TopicReader, produce, send_turns, turn, unique
+from .conftest import TopicReader, answered, produce, send_turns, turn, unique
 
 pytestmark = [pytest.mark.kafka]
 
@@ -45,6 +45,7 @@ async def test_demo_users_get_answers(kafka_bootstrap, stream_env, start_worker,
     from streams.demo import run_demo
 
     start_worker(stream_env, ("agent",))
+    await answered(kafka_bootstrap, unique("probe"))  # the worker is up and caught up
     settings = Settings(kafka_bootstrap=kafka_bootstrap, partitions=4, data_dir=tmp_path)
     stats = await run_demo(settings, users=2, duration=8, think=0.05, chunk=64, live=False)
     assert stats.sent > 0 and stats.replies > 0 and stats.asked >= 0
