@@ -26,9 +26,9 @@ def chat(
         typer.echo("remembered.")
         return
     typer.echo(reply.text)
-    fw = reply.fast_weights_version or "none"
+    fw = f"v{reply.fast_weights_version}" if reply.fast_weights_version else "none"
     typer.secho(
-        f"[{reply.latency_ms:.0f} ms, base model v{reply.base_model_version}, fast weights v{fw}]",
+        f"[{reply.latency_ms:.0f} ms, base model v{reply.base_model_version}, fast weights {fw}]",
         dim=True,
         err=True,
     )

@@ -195,9 +195,7 @@ def install(
         TABLE_NAME,
         default=None,
         partitions=settings.partitions,
-        schema=faust.Schema(
-            key_type=str, value_type=dict, key_serializer="raw", value_serializer="json"
-        ),
+        schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"),
         use_partitioner=True,
     )
     tracker = ConsolidationTracker(

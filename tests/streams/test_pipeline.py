@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -247,3 +248,29 @@ async def test_workers_split_partitions_and_lose_nothing_when_one_joins_or_leave
     assert {r.event_id for r in answered} == wanted
     # Redeliveries (at least once) repeat the same reply_id, never a new one.
     assert all(r.reply_id == reply_id_for(r.event_id) for r in answered)
+
+
+async def test_the_consolidation_table_survives_a_restart(
+    kafka_bootstrap, stream_env, start_worker
+):
+    scope = unique("scope")
+    stream_env.update(SOMNA_CHUNK_TOKENS="40", SOMNA_IDLE_SECONDS="600")
+    mine = lambda r: r.key == scope.encode()  # noqa: E731
+    turns = [turn(scope, f"fact number {i}.", role="system") for i in range(3)]  # 17 tokens each
+    async with (
+        TopicReader(kafka_bootstrap, SLEEP_JOBS) as jobs,
+        TopicReader(kafka_bootstrap, INTERACTIONS) as sent,
+    ):
+        first = start_worker(stream_env, ("consolidator",))
+        await send_turns(kafka_bootstrap, turns[:2])  # 34 tokens: not a full chunk yet
+        offsets = [r.offset for r in await sent.collect(lambda rs: len(rs) >= 2, keep=mine)]
+        await _wait_for(lambda: "Worker ready" in first.log())
+        await asyncio.sleep(3)  # let it commit and write its changelog
+        assert first.stop() == 0
+        second = start_worker(stream_env, ("consolidator",))  # recovers the table
+        await send_turns(kafka_bootstrap, turns[2:])
+        offsets += [r.offset for r in await sent.collect(lambda rs: len(rs) >= 1, keep=mine)]
+        got = await jobs.collect(lambda rs: len(rs) >= 1, keep=mine)
+    job = SleepJob.model_validate_json(got[0].value)
+    assert (job.from_watermark, job.to_watermark) == (offsets[0], offsets[2])
+    assert "Restore complete" in second.log() and "Error in recovery" not in second.log()
