@@ -55,6 +55,8 @@ def sleep_states(
     from model.tokenizer import PAD
 
     cfg = base.lm.config
+    if base.lm.device.type != torch.device(device).type:
+        base.lm.to(device)  # the base model is loaded on CPU; sleep where the batch runs
     states = [
         MemoryState.from_fast_weights(t.parent_weights, cfg, device=device)
         if t.parent_weights is not None
@@ -155,6 +157,7 @@ def run_batch(
             pub = registry.register_fast_weights(
                 tracking_uri, run_id=run_id, local_file=local, lineage=lin,
                 extra_tags=task.extra_tags, run_artifact_uri=run.info.artifact_uri,
+                check_existing=False,  # the planner looked the job id up just before
             )  # fmt: skip
             registry.remember(tracking_uri, pub, tensors, meta)
             metrics.VERSIONS.inc()

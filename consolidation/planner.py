@@ -196,6 +196,12 @@ async def plan_rebuild(
         history_dir=settings.history_dir, reader=reader, scope_id=scope,
         partition=partition, lo=lo, hi=live.watermark, retracted=retracted, tail_floor=lo,
     )  # fmt: skip
+    if not turns and live.watermark >= lo:
+        # Wrong data dir or a history that was lost: replaying nothing would wipe the memory.
+        raise HistoryError(
+            f"no history of scope {scope!r} in offsets {lo}..{live.watermark} under "
+            f"{settings.history_dir} or on the topic: refusing to rebuild it empty"
+        )
     extra = {"retracted_event_id": retracted_event} if retracted_event else {}
     task = await _task(
         settings, base, scope, job_id, snapshot, live, turns, lo, live.watermark, reason,

@@ -370,6 +370,7 @@ def register_fast_weights(
     move_live: bool = True,
     extra_tags: dict[str, str] | None = None,
     run_artifact_uri: str | None = None,
+    check_existing: bool = True,
 ) -> FastWeightsPublished:
     """Register an artifact file as a new version of its scope (idempotent per job id).
 
@@ -381,7 +382,11 @@ def register_fast_weights(
 
     c = client(tracking_uri)
     name = fast_weights_model_name(lineage.scope_id)
-    existing = find_version_by_job(tracking_uri, lineage.scope_id, lineage.job_id)
+    existing = (
+        find_version_by_job(tracking_uri, lineage.scope_id, lineage.job_id)
+        if check_existing
+        else None
+    )
     if existing is not None:
         log.info("job %s already registered %s v%s", lineage.job_id, name, existing.version)
         mv = existing

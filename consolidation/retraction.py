@@ -87,8 +87,9 @@ async def rebuild_async(
     *,
     partition: int | None = None,
     device: str | None = None,
+    reader: TopicReader | None = None,
 ) -> FastWeightsPublished | None:
-    plan = await plan_rebuild(settings, base, scope_id, partition=partition)
+    plan = await plan_rebuild(settings, base, scope_id, partition=partition, reader=reader)
     return await _execute(settings, base, plan, device)
 
 

@@ -66,3 +66,48 @@ def test_memory_ls_show_rollback_and_cost(
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
     assert {"runs", "total", "dollars_per_gpu_hour"} <= set(report) and report["total"]["runs"] >= 1
+
+
+def test_memory_retract_and_rebuild(
+    kafka_bootstrap: str, mlflow_uri: str, base_model, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from consolidation.batch import run_batch
+    from consolidation.planner import plan_job
+    from infra.settings import Settings
+    from streams.history import read_history, write_rows
+    from streams.records import SleepJob
+    from tests.consolidation.conftest import history_rows
+
+    settings = Settings(data_dir=tmp_path / "somna", mlflow_uri=mlflow_uri, kafka_bootstrap=kafka_bootstrap,
+                        chunk_tokens=40, sleep_passes=2)  # fmt: skip
+    scope = scope_id("clire")
+    texts = ["kim reports to bob.", "bob reports to tav.", "tav reports to lem."]
+    write_rows(
+        settings.history_dir, "somna.interactions", 0, history_rows(scope, texts, first_offset=0)
+    )
+    job = SleepJob(
+        job_id=f"job-{scope}", scope_id=scope, from_watermark=0, to_watermark=2, passes=2
+    )
+    plan = asyncio.run(plan_job(settings, base_model, job, 0))
+    (v1,), _ = run_batch(mlflow_uri, base_model, [plan.task], passes=2, device="cpu")
+    env = {"SOMNA_MLFLOW_URI": mlflow_uri, "SOMNA_KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "SOMNA_DATA_DIR": str(settings.data_dir), "SOMNA_CHUNK_TOKENS": "40", "SOMNA_SLEEP_PASSES": "2"}  # fmt: skip
+    runner = CliRunner()
+    out = runner.invoke(
+        app, ["memory", "retract", scope, f"{scope}-e1", "--reason", "wrong"], env=env
+    )
+    assert out.exit_code == 0, out.output
+    assert "purged 1 row(s)" in out.output and "retraction" in out.output
+    assert (
+        "bob reports to tav." not in read_history(settings.history_dir, scope)["text"].to_pylist()
+    )
+    live = registry.latest_live(mlflow_uri, scope)
+    assert live.version != v1.version and live.watermark == v1.watermark
+    out = runner.invoke(app, ["memory", "rebuild", scope], env=env)
+    assert out.exit_code == 0, out.output
+    tags = registry.get_version(
+        mlflow_uri, scope, registry.latest_live(mlflow_uri, scope).version
+    ).tags
+    assert tags["reason"] == "rebuild" and tags["events"] == "2"

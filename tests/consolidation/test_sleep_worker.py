@@ -80,7 +80,9 @@ def _spawn_worker(
     if fault:
         env["SOMNA_FAULT"] = fault
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 async def test_kill_9_mid_job_and_restart_yields_exactly_one_version(
