@@ -139,6 +139,8 @@ def install(
                 metrics.SWAPS.labels(outcome="rejected").inc()
                 continue  # the previous version keeps serving
             outcome = await thread.call(engine.swap, published, weights)
+            if outcome == "older":
+                outcome = await _older(published)
             metrics.SWAPS.labels(outcome=outcome).inc()
             log.info(
                 "fast weights %s v%s @%d: %s",
@@ -147,6 +149,15 @@ def install(
                 published.watermark,
                 outcome,
             )
+
+    async def _older(published: FastWeightsPublished) -> str:
+        # A publish behind what we serve is a late one, unless the registry says it is live
+        # now: a rollback. Its events after the watermark left the KV at the newer swap, so
+        # the scope reloads (the version + those events from the topic: no gap).
+        if not await loader.is_live(published):
+            return "stale"
+        await thread.call(engine.reload, published.scope_id)  # type: ignore[attr-defined]
+        return "rollback"
 
     @app.agent(topics.retractions, name="somna-agent-retractions")
     async def retract(stream: faust.StreamT) -> None:

@@ -7,6 +7,10 @@ offset, last offset), and a write that overlaps files already there for the same
 (topic, partition) merges them into one file and removes the old ones: a replay after a
 crash rewrites instead of duplicating, so the history holds each event once (invariant 4).
 
+A retracted event never comes back: the Kafka log still holds it, so a replay, or an event
+flushed after its purge, would write its text again. Every write (new rows and the rows
+merged from older files) leaves out the event ids :class:`RetractedEvents` knows.
+
 :class:`HistorySink` has the shape of a Quix Streams sink: ``add`` rows, ``flush`` writes a
 batch per (topic, partition) through ``write`` and clears it in ``finally``. The worker
 commits Kafka offsets only after ``flush`` returned.
@@ -18,8 +22,10 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +35,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from streams import metrics
+from streams.exceptions import StreamsError
 from streams.records import Interaction, Reply
 
 if TYPE_CHECKING:
@@ -92,16 +99,73 @@ def _date_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
 
 
-def write_rows(history_dir: Path, topic: str, partition: int, rows: list[dict]) -> list[Path]:
+class RetractionsUnavailable(StreamsError):
+    """The retracted events of a scope cannot be read now; the write waits and retries."""
+
+
+class RetractedEvents:
+    """The retracted event ids of each scope, as a cache of the registry's record.
+
+    A scope's set is read (``lookup``: ``consolidation.registry.retracted_event_ids``) the
+    first time one of its rows is written, and again after each of its retractions seen on
+    ``somna.retractions`` (whose event id counts at once, in case the registry lags).
+    """
+
+    def __init__(self, lookup: Callable[[str], set[str]] | None = None) -> None:
+        self._lookup = lookup
+        self._ids: dict[str, set[str]] = defaultdict(set)
+        self._fresh: set[str] = set()  # scopes read from the registry since their last change
+        self._lock = threading.Lock()  # writes run in a thread, retractions on the loop
+
+    def add(self, scope_id: str, event_id: str) -> None:
+        with self._lock:
+            self._ids[scope_id].add(event_id)
+            self._fresh.discard(scope_id)
+
+    def of(self, scope_id: str) -> set[str]:
+        with self._lock:
+            if self._lookup is None or scope_id in self._fresh:
+                return set(self._ids.get(scope_id, ()))
+        try:
+            ids = self._lookup(scope_id)
+        except Exception as e:  # the tracking server is down: never guess
+            raise RetractionsUnavailable(f"retracted events of {scope_id!r}: {e}") from e
+        with self._lock:
+            self._ids[scope_id] |= ids
+            self._fresh.add(scope_id)
+            return set(self._ids[scope_id])
+
+    def keep(self, rows: list[dict]) -> list[dict]:
+        """``rows`` without those of retracted events (an interaction and its replies)."""
+        retracted = {s: self.of(s) for s in {r["scope_id"] for r in rows}}
+        return [r for r in rows if r["event_id"] not in retracted[r["scope_id"]]]
+
+
+def write_rows(
+    history_dir: Path,
+    topic: str,
+    partition: int,
+    rows: list[dict],
+    retracted: RetractedEvents | None = None,
+) -> list[Path]:
     """Write one (topic, partition) batch, one file per (date, bucket) directory."""
     groups: dict[Path, list[dict]] = defaultdict(list)
     for row in rows:
         sub = f"date={_date_of(row['ts'])}/bucket={bucket_of(row['scope_id']):02d}"
         groups[history_dir / sub].append(row)
-    return [_merge_write(d, topic, partition, group) for d, group in sorted(groups.items())]
+    written = [
+        _merge_write(d, topic, partition, group, retracted) for d, group in sorted(groups.items())
+    ]
+    return [p for p in written if p is not None]
 
 
-def _merge_write(directory: Path, topic: str, partition: int, rows: list[dict]) -> Path:
+def _merge_write(
+    directory: Path,
+    topic: str,
+    partition: int,
+    rows: list[dict],
+    retracted: RetractedEvents | None = None,
+) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True)
     first = min(r["offset"] for r in rows)
     last = max(r["offset"] for r in rows)
@@ -117,6 +181,12 @@ def _merge_write(directory: Path, topic: str, partition: int, rows: list[dict]) 
         for old in pq.read_table(path, schema=SCHEMA).to_pylist():
             by_offset.setdefault(old["offset"], old)
     merged = [by_offset[o] for o in sorted(by_offset)]
+    if retracted is not None:
+        merged = retracted.keep(merged)
+    if not merged:  # only retracted rows: the files that held them go
+        for path in overlapping:
+            path.unlink(missing_ok=True)
+        return None
     first, last = merged[0]["offset"], merged[-1]["offset"]
     target = directory / file_name(topic, partition, first, last)
     tmp = directory / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -131,8 +201,9 @@ def _merge_write(directory: Path, topic: str, partition: int, rows: list[dict]) 
 class HistorySink:
     """Batches rows per (topic, partition); ``flush`` writes them all (Quix sink shape)."""
 
-    def __init__(self, history_dir: Path) -> None:
+    def __init__(self, history_dir: Path, retracted: RetractedEvents | None = None) -> None:
         self.history_dir = Path(history_dir)
+        self.retracted = retracted
         self._batches: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
     def add(self, event: Interaction | Reply, *, topic: str, partition: int, offset: int) -> None:
@@ -154,7 +225,7 @@ class HistorySink:
         return written
 
     def write(self, topic: str, partition: int, rows: list[dict]) -> list[Path]:
-        paths = write_rows(self.history_dir, topic, partition, rows)
+        paths = write_rows(self.history_dir, topic, partition, rows, self.retracted)
         metrics.HISTORY_ROWS.inc(len(rows))
         log.debug("history: %d rows of %s[%d] -> %d files", len(rows), topic, partition, len(paths))
         return paths
@@ -212,11 +283,22 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
     returns only once the files are written (a failing write is retried, never skipped):
     so Kafka offsets are committed after the Parquet file exists, and a crash in between
     replays the window, which rewrites the same files (see ``_merge_write``).
+
+    A third agent follows ``somna.retractions``: the event id joins the retracted set, and
+    the event is purged from the files again, in case a window wrote it after the purge the
+    retraction did (before this worker knew of it). Writes and purges take turns (a lock),
+    so neither rewrites a file from a copy the other is replacing.
     """
     import asyncio
 
+    from consolidation.registry import retracted_event_ids
+    from streams.records import Retraction
+
+    retracted = RetractedEvents(lambda scope: retracted_event_ids(settings.tracking_uri, scope))
+    files = asyncio.Lock()
+
     def sink_agent(topic: faust.TopicT, kind: type[Interaction | Reply], name: str) -> None:
-        sink = HistorySink(settings.history_dir)
+        sink = HistorySink(settings.history_dir, retracted)
         policy = dlq.claim(topic.get_topic_name())
 
         async def agent(stream: faust.StreamT) -> None:
@@ -245,11 +327,40 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
             for event, topic, partition, offset in rows:
                 sink.add(event, topic=topic, partition=partition, offset=offset)
             try:
-                await asyncio.to_thread(sink.flush)
+                async with files:
+                    await asyncio.to_thread(sink.flush)
                 return
-            except OSError:
+            except (OSError, RetractionsUnavailable):
                 log.exception("history write failed; retrying in %ss", WRITE_RETRY_SECONDS)
                 await asyncio.sleep(WRITE_RETRY_SECONDS)
 
+    retractions_policy = dlq.claim(topics.retractions.get_topic_name())
+
+    async def on_retractions(stream: faust.StreamT) -> None:
+        from consolidation.purge import purge_event
+
+        async for ev in stream.events():
+            msg = ev.message
+            metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
+            event = await retractions_policy.decode(
+                ev.value,
+                Retraction,
+                key=ev.key,
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+            )
+            if event is None:
+                continue
+            retracted.add(event.scope_id, event.event_id)
+            try:
+                async with files:
+                    await asyncio.to_thread(
+                        purge_event, settings.history_dir, event.scope_id, event.event_id
+                    )
+            except Exception:  # an unreadable file: the writes still leave the event out
+                log.exception("history: purge of retracted %s failed", event.event_id)
+
     sink_agent(topics.interactions, Interaction, "somna-history-interactions")
     sink_agent(topics.replies, Reply, "somna-history-replies")
+    app.agent(topics.retractions, name="somna-history-retractions")(on_retractions)

@@ -56,6 +56,19 @@ class ScopeLoader:
             )
             return None
 
+    async def is_live(self, published: FastWeightsPublished) -> bool:
+        """Whether the registry's ``live`` alias of the scope is ``published`` now."""
+        from consolidation.registry import latest_live
+
+        try:
+            live = await asyncio.to_thread(
+                latest_live, self.settings.tracking_uri, published.scope_id
+            )
+        except Exception as e:  # noqa: BLE001 (the tracking server is down: keep serving)
+            log.error("live fast weights of %s: %s", published.scope_id, e)
+            return False
+        return live is not None and live.version == published.version
+
     async def _live(self, scope_id: str) -> tuple[FastWeightsPublished | None, Any | None]:
         from consolidation.registry import latest_live
 
@@ -94,11 +107,15 @@ class ScopeLoader:
         }
         start, end = min(after.values()) + 1, max(upto.values())
         if start < end:
-            # The topic keeps retracted events (Kafka cannot delete one): skip those.
+            # The topic keeps retracted events (Kafka cannot delete one): skip those. The
+            # registry records a retraction before it is announced on somna.retractions.
             retracted = {
                 (r.scope_id, r.event_id)
                 for _, r in await self._read(RETRACTIONS, partition, 0, None, set(upto), Retraction)
             }
+            if with_weights:
+                for scope in upto:
+                    retracted |= {(scope, e) for e in await self._retracted(scope)}
             events = await self._read(INTERACTIONS, partition, start, end, set(upto), Interaction)
             for offset, event in events:
                 if (event.scope_id, event.event_id) in retracted:
@@ -106,6 +123,17 @@ class ScopeLoader:
                 if after[event.scope_id] < offset < upto[event.scope_id]:
                     snapshots[event.scope_id].events.append((offset, event))
         return snapshots
+
+    async def _retracted(self, scope_id: str) -> set[str]:
+        from consolidation.registry import retracted_event_ids
+
+        try:
+            return await asyncio.to_thread(
+                retracted_event_ids, self.settings.tracking_uri, scope_id
+            )
+        except Exception as e:  # noqa: BLE001 (the tracking server is down: the topic says)
+            log.warning("retracted events of %s from the registry: %s", scope_id, e)
+            return set()
 
     async def _read(
         self,

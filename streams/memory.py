@@ -7,6 +7,9 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
   so the generated reply is never remembered;
 - a fast-weights swap: ``lm.swap_in`` keeps S' and drops only pending events at or below
   W' (invariant 1); a refused or stale artifact leaves the previous version serving;
+- a rollback (a publish older than what we serve, that the registry says is live): the
+  dropped events cannot be put back from memory, so the scope is marked for a reload; the
+  agent rebuilds it like an evicted one, from that version plus the topic after it;
 - a retraction: the event leaves the pending buffer and S is re-derived without it (if it
   was already consolidated, the consolidator's rebuild job brings a new S);
 - eviction: least recently used scopes leave memory; they come back from the registry's
@@ -63,10 +66,19 @@ class ModelEngine:
         self._assistant = [ASSISTANT]
         self._tok = ByteTokenizer()
         self._scopes: OrderedDict[str, ScopeMemory] = OrderedDict()
+        self._reload: set[str] = set()  # scopes whose memory is kept only until a reload
 
     # ---- memory -----------------------------------------------------------------------
     def loaded(self, scope_id: str) -> bool:
-        return scope_id in self._scopes
+        return scope_id in self._scopes and scope_id not in self._reload
+
+    def reload(self, scope_id: str) -> None:
+        """Have the agent rebuild the scope before its next turn (after a rollback).
+
+        The memory stays until then: a batch already past its load still has one to answer
+        from, and nothing is ever answered from an empty memory by mistake."""
+        if scope_id in self._scopes:
+            self._reload.add(scope_id)
 
     def live_scopes(self) -> int:
         return len(self._scopes)
@@ -84,9 +96,11 @@ class ModelEngine:
         mem = ScopeMemory(state, version, offsets, partition=snapshot.partition)
         mem.last_offset = max([watermark, *(o for o, _ in events)])
         self._scopes[scope_id] = mem
+        self._reload.discard(scope_id)
         self._scopes.move_to_end(scope_id)
         while len(self._scopes) > self.max_scopes:
             evicted, _ = self._scopes.popitem(last=False)
+            self._reload.discard(evicted)
             log.debug("evicted scope %s from memory", evicted)
 
     def _base_weights(self, snapshot: ScopeSnapshot) -> tuple[dict, int, str | None]:
@@ -123,6 +137,7 @@ class ModelEngine:
         gone = [s for s, m in self._scopes.items() if m.partition not in partitions]
         for scope in gone:
             del self._scopes[scope]
+            self._reload.discard(scope)
         return len(gone)
 
     # ---- turns --------------------------------------------------------------------------
@@ -162,12 +177,16 @@ class ModelEngine:
 
     # ---- fast weights and retractions ---------------------------------------------------
     def swap(self, published: FastWeightsPublished, weights: Any) -> str:
+        """Swap in a published version; "older" when its watermark is behind ours (a late
+        publish, or a rollback: only the registry can tell, see ``streams/agent.py``)."""
         mem = self._scopes.get(published.scope_id)
         if mem is None:
             return "not_loaded"
         if weights.scope_id != published.scope_id or not self._acceptable(weights):
             return "refused"
-        if published.watermark < mem.state.watermark or (
+        if published.watermark < mem.state.watermark:
+            return "older"
+        if (
             published.watermark == mem.state.watermark
             and published.version == mem.fast_weights_version
         ):

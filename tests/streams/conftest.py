@@ -75,11 +75,13 @@ class Worker:
 
 
 @pytest.fixture
-def stream_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
-    """Environment of worker processes: the test broker, a fresh data dir, a unique group."""
+def stream_env(kafka_bootstrap: str, mlflow_uri: str, tmp_path: Path) -> dict[str, str]:
+    """Environment of worker processes: the test broker and tracking server (the history
+    role asks it for retracted events), a fresh data dir, a unique group."""
     env = dict(os.environ)
     env.update(
         SOMNA_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        SOMNA_MLFLOW_URI=mlflow_uri,
         SOMNA_DATA_DIR=str(tmp_path / "somna"),
         SOMNA_PARTITIONS="4",
         SOMNA_STREAM_GROUP=unique("g"),

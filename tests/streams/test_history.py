@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
 import duckdb
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
 
 from infra.topics import INTERACTIONS, REPLIES
-from streams.history import HistorySink, bucket_of, read_history
+from streams.history import HistorySink, RetractedEvents, bucket_of, read_history
 from streams.records import Interaction, Reply, reply_id_for
 
 TS = 1_764_000_000.0  # 2025-11-24 UTC
@@ -83,3 +87,68 @@ def test_readable_by_pyarrow_dataset_and_duckdb(tmp_path):
 
 def test_empty_history(tmp_path):
     assert read_history(tmp_path / "nothing").num_rows == 0
+
+
+@pytest.mark.mlflow
+def test_a_replay_never_writes_a_retracted_event_back(tmp_path, mlflow_uri):
+    """Retract two events (one flushed, one not yet at purge time), then replay the offsets
+    as a restarted worker would: the retracted text is in no file, the rest once."""
+    from consolidation.purge import purge_event
+    from consolidation.registry import record_retraction, retracted_event_ids
+
+    scope = f"hist-{uuid.uuid4().hex[:10]}"
+
+    def lookup(s: str) -> set[str]:
+        return retracted_event_ids(mlflow_uri, s)
+
+    def turn(i: int) -> Interaction:
+        return Interaction(event_id=f"e{i}", scope_id=scope, session_id="s", role="user",
+                           text=f"secret number {i} of {scope}", ts=TS + i)  # fmt: skip
+
+    def fill(sink: HistorySink, offsets: range) -> None:
+        for o in offsets:
+            sink.add(turn(o), topic=INTERACTIONS, partition=1, offset=o)
+        # The reply to e2 repeats its text: it goes with it.
+        reply = Reply(reply_id=reply_id_for("e2"), event_id="e2", scope_id=scope,
+                      text=turn(2).text, base_model_version="1", latency_ms=1.0, ts=TS + 2)  # fmt: skip
+        sink.add(reply, topic=REPLIES, partition=1, offset=0)
+
+    retracted = RetractedEvents(lookup)
+    sink = HistorySink(tmp_path, retracted)
+    fill(sink, range(0, 6))
+    sink.flush()
+    sink.add(turn(6), topic=INTERACTIONS, partition=1, offset=6)  # not flushed yet
+    for event_id in ("e2", "e6"):  # what a retraction does to the history and the registry
+        purge_event(tmp_path, scope, event_id)
+        record_retraction(mlflow_uri, scope, event_id)
+        retracted.add(scope, event_id)  # the history role sees it on somna.retractions
+    sink.flush()
+    # A restart with the committed offsets reset: the same records again, and more.
+    restarted = HistorySink(tmp_path, RetractedEvents(lookup))
+    fill(restarted, range(0, 8))
+    restarted.flush()
+
+    texts = []
+    for path in tmp_path.rglob("*.parquet"):
+        texts += pq.read_table(path)["text"].to_pylist()
+        raw = path.read_bytes()
+        assert turn(2).text.encode() not in raw and turn(6).text.encode() not in raw
+    kept = [turn(i).text for i in (0, 1, 3, 4, 5, 7)]
+    assert sorted(texts) == sorted(kept), "retracted rows gone, every other row once"
+    assert read_history(tmp_path, scope)["event_id"].to_pylist() == [
+        f"e{i}" for i in (0, 1, 3, 4, 5, 7)
+    ]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_replay_also_drops_retracted_rows_merged_from_older_files(tmp_path):
+    retracted = RetractedEvents()  # no registry: only what somna.retractions said
+    sink = HistorySink(tmp_path, retracted)
+    _fill(sink, range(0, 3))  # scope0, scope1, scope2: one bucket directory each
+    sink.flush()
+    retracted.add("scope1", "e1")
+    _fill(sink, range(0, 3))  # a replay, before any purge of e1
+    sink.flush()
+    scope1_files = tmp_path.glob(f"*/bucket={bucket_of('scope1'):02d}/*.parquet")
+    assert not list(scope1_files), "a file of retracted rows only is removed"
+    assert read_history(tmp_path)["event_id"].to_pylist() == ["e0", "e2"]

@@ -39,3 +39,26 @@ async def test_loader_reads_back_the_scope_events_without_retracted_ones(kafka_b
     assert [e.event_id for _, e in snap.events] == [mine[0].event_id, mine[2].event_id]
     assert [o for o, _ in snap.events] == [offsets[scope][0], offsets[scope][2]]
     assert snap.partition == partition and snap.weights is None
+
+
+@pytest.mark.mlflow
+async def test_loader_skips_an_event_the_registry_retracted_before_it_is_announced(
+    kafka_bootstrap, mlflow_uri, tmp_path
+):
+    from consolidation.registry import record_retraction
+
+    scope = unique("scope")
+    mine = [turn(scope, f"fact {i}.", role="system") for i in range(3)]
+    async with TopicReader(kafka_bootstrap, "somna.interactions") as sent:
+        await send_turns(kafka_bootstrap, mine)
+        records = await sent.collect(lambda rs: sum(r.key == scope.encode() for r in rs) >= 3)
+    records = [r for r in records if r.key == scope.encode()]
+    record_retraction(mlflow_uri, scope, mine[1].event_id)  # nothing on somna.retractions yet
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, mlflow_uri=mlflow_uri, data_dir=tmp_path)
+    loader = ScopeLoader(settings)
+    try:
+        snap = (await loader.load(records[0].partition, {scope: records[-1].offset + 1}))[scope]
+    finally:
+        await loader.close()
+    assert [e.event_id for _, e in snap.events] == [mine[0].event_id, mine[2].event_id]
+    assert snap.weights is None  # never consolidated

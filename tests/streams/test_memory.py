@@ -77,13 +77,32 @@ def test_swap_drops_only_what_the_weights_cover_and_stale_ones_are_refused(lm):
     assert mem.fast_weights_version == "1" and mem.state.watermark == 2
     assert engine.swap(published, weights) == "stale"  # the same version again
     older = published.model_copy(update={"version": "0", "watermark": 1})
-    assert engine.swap(older, weights) == "stale"
+    # A late publish, or a rollback: the agent asks the registry which (streams/agent.py).
+    assert engine.swap(older, weights) == "older"
     other = FastWeights(**{**weights.__dict__, "base_model_version": "8"})
     assert (
         engine.swap(published.model_copy(update={"version": "2", "watermark": 3}), other)
         == "refused"
     )
     assert engine.memory("u1").fast_weights_version == "1"
+
+
+def test_a_rollback_reloads_the_scope_from_the_older_version_without_a_gap(lm):
+    engine = ModelEngine(lm, base_model_version="7")
+    engine.answer([_turn(i) for i in range(5)])
+    v1, w1 = _weights(lm, engine, upto=1)
+    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    assert engine.swap(v2, w2) == "swapped"
+    assert engine.swap(v1, w1) == "older"  # the registry says v1 is live: the agent reloads
+    engine.reload("u1")
+    assert not engine.loaded("u1")  # the agent's next batch rebuilds it before answering
+    assert engine.memory("u1").fast_weights_version == "2"  # kept until then
+    events = [(i, _turn(i).event) for i in range(5)]  # the loader reads them from the topic
+    engine.install("u1", ScopeSnapshot(weights=w1, published=v1, events=events))
+    mem = engine.memory("u1")
+    assert engine.loaded("u1") and mem.fast_weights_version == v1.version
+    assert mem.state.watermark == 1
+    assert [e.offset for e in mem.state.pending_events] == [2, 3, 4]  # no gap (invariant 1)
 
 
 def test_a_reloaded_scope_has_the_same_memory_as_the_live_one(lm):

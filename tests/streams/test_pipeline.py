@@ -181,6 +181,39 @@ async def test_history_holds_each_event_once_after_a_restart(
     assert sorted(r["event_id"] for r in rows) == sorted(t.event_id for t in batch1 + batch2)
 
 
+async def test_a_retracted_event_stays_out_of_the_history_after_a_replay(
+    kafka_bootstrap, mlflow_uri, stream_env, start_worker, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    from consolidation.registry import record_retraction
+
+    scope = unique("scope")
+    history_dir = tmp_path / "somna" / "history"
+    first = start_worker(stream_env, ("history",))
+    turns = [turn(scope, f"{scope} private fact {i}") for i in range(4)]
+    ids = lambda: read_history(history_dir, scope)["event_id"].to_pylist()  # noqa: E731
+    await send_turns(kafka_bootstrap, turns[:3])
+    await _wait_for(lambda: len(ids()) >= 3)
+    # `somna memory retract`: recorded in the registry, then announced on somna.retractions
+    # (its purge of the Parquet files is left to the history role here).
+    gone = turns[1]
+    record_retraction(mlflow_uri, scope, gone.event_id)
+    retraction = Retraction(scope_id=scope, event_id=gone.event_id, ts=0.0)
+    await produce(kafka_bootstrap, RETRACTIONS, [(scope.encode(), retraction.to_bytes())])
+    await _wait_for(lambda: gone.event_id not in ids())
+    first.stop()
+    # A new group: the restarted history role replays the whole topic from the start.
+    start_worker({**stream_env, "SOMNA_STREAM_GROUP": unique("g")}, ("history",))
+    await send_turns(kafka_bootstrap, turns[3:])
+    await _wait_for(lambda: turns[3].event_id in ids())
+    texts = []
+    for path in history_dir.rglob("*.parquet"):
+        texts += [t for t in pq.read_table(path)["text"].to_pylist() if scope in t]
+        assert gone.text.encode() not in path.read_bytes()
+    assert sorted(texts) == sorted(t.text for t in turns if t is not gone)
+
+
 async def _wait_for(cond, timeout: float = 120.0) -> None:
     import asyncio
     import time
