@@ -61,11 +61,13 @@ async def apply(
     device: str | None = None,
     reader: TopicReader | None = None,
 ) -> RetractionResult:
-    """Purge, record, rebuild. Returns what to publish (None when nothing was consolidated)."""
-    purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
+    """Record, purge, rebuild. Returns what to publish (None when nothing was consolidated)."""
+    # Record first: the history writer consults the registry, so once the tombstone is
+    # there no later write can put the row back after the purge below.
     await asyncio.to_thread(
         registry.record_retraction, settings.tracking_uri, scope_id, event_id, reason
     )
+    purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
     plan = await plan_rebuild(
         settings, base, scope_id, partition=partition if partition is not None else purge.partition,
         retracted_event=event_id, retracted_offset=purge.offset, reader=reader,

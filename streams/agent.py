@@ -156,7 +156,7 @@ def install(
         # the scope reloads (the version + those events from the topic: no gap).
         if not await loader.is_live(published):
             return "stale"
-        await thread.call(engine.reload, published.scope_id)  # type: ignore[attr-defined]
+        await thread.call(engine.reload, published.scope_id)
         return "rollback"
 
     @app.agent(topics.retractions, name="somna-agent-retractions")

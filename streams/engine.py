@@ -71,6 +71,10 @@ class Engine(Protocol):
 
     def retract(self, retraction: Retraction) -> bool: ...
 
+    def reload(self, scope_id: str) -> None:
+        """Rebuild the scope from the registry on its next turn (after a rollback)."""
+        ...
+
     def keep_partitions(self, partitions: set[int]) -> int:
         """Forget the scopes of other partitions (after a rebalance); returns how many."""
         ...
@@ -112,6 +116,9 @@ class NullEngine:
 
     def retract(self, retraction: Retraction) -> bool:
         return False
+
+    def reload(self, scope_id: str) -> None:
+        pass
 
     def keep_partitions(self, partitions: set[int]) -> int:
         return 0
