@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from rich.console import Console
@@ -71,7 +72,7 @@ def table(rows: list[dict]) -> Table:
 def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> dict:
     harness, scenarios = _scenarios()
     size = scenarios.QUICK if quick else scenarios.LONG
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # a wide table: do not squeeze it
     cluster = harness.Cluster(harness.new_root("somna-bench-chaos-"))
     rows: list[dict] = []
     began = time.time()
@@ -93,11 +94,13 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
                 try:
                     out = fn(cluster, size).as_dict()
                 except Exception as e:  # one broken scenario must not hide the others
-                    out = scenarios.Outcome(name, notes=[f"harness error: {e!r}"]).as_dict()
+                    tb = traceback.format_exc(limit=-3)
+                    out = scenarios.Outcome(name, notes=[f"harness error: {e!r}", tb]).as_dict()
             rows.append(out)
             console.print(
                 f"{name}: lost={out['lost']} misrouted={out['misrouted']} "
-                f"details={json.dumps(out['details'], default=str)[:400]}"
+                f"notes={out['notes']} details={json.dumps(out['details'], default=str)[:400]}",
+                markup=False,
             )
     finally:
         cluster.stop()

@@ -179,7 +179,7 @@ def check(
     for row in rows:
         (hist_in if row["kind"] == "interaction" else hist_out)[row["event_id"]].append(row)
 
-    lost, dup, misrouted = set(), set(), set()
+    lost, dup, strict_dup, misrouted = set(), set(), set(), set()
     no_reply = no_history = 0
     for t in turns:
         reps, ins = by_event.get(t.event_id, []), hist_in.get(t.event_id, [])
@@ -189,7 +189,12 @@ def check(
             no_history += 1
         if not reps or not ins:
             lost.add(t.event_id)
+        # Invariant 4: one interaction row, one reply_id. A redelivered reply is allowed on
+        # the topic, but the history should still hold it once (counted, not asserted).
         if len(ins) > 1 or len({r.get("reply_id") for r in reps}) > 1:
+            dup.add(t.event_id)
+            strict_dup.add(t.event_id)
+        if len(hist_out.get(t.event_id, [])) > 1:
             dup.add(t.event_id)
         if any(
             x.get("scope_id") != t.scope_id for x in (*reps, *ins, *hist_out.get(t.event_id, []))
@@ -234,6 +239,7 @@ def check(
         wrong_fast_weights=len(wrong_weights),
         dead_letter_reasons=sorted({str(d.get("error"))[:80] for d in letters}),
         lost_examples=sorted(lost)[:5],
+        two_rows_or_two_reply_ids=len(strict_dup),
         # At-least-once redelivery, allowed: the same reply_id more than once.
         replies_redelivered=sum(1 for t in turns if len(by_event.get(t.event_id, [])) > 1),
         reply_rows_repeated=sum(1 for t in turns if len(hist_out.get(t.event_id, [])) > 1),

@@ -149,7 +149,9 @@ class Cluster:
             **(extra_env or {}),
         }
         logs = self.root / "logs"
-        self.mlflow = Part("mlflow", self._mlflow_cmd(), dict(os.environ), logs / "mlflow.log")
+        self.mlflow = Part(
+            "mlflow", self._mlflow_cmd(), dict(os.environ), logs / "mlflow.log", cwd=self.root
+        )
         self.stream = Part(
             "stream",
             [sys.executable, "-m", "infra", "worker", "stream"],
@@ -313,17 +315,15 @@ class Cluster:
         """Fill the workers' tmpfs up to ``leave_bytes`` free; returns the filler file."""
         assert self.tmpfs is not None, "the data dir is not on a tmpfs"
         filler = self.data_dir / "chaos-filler.bin"
-        free = shutil.disk_usage(self.data_dir).free - leave_bytes
-        with open(filler, "wb") as f:
+        # Unbuffered: a write that hits ENOSPC fails here, not later in close().
+        with open(filler, "wb", buffering=0) as f:
             chunk = b"\0" * (1 << 20)
-            while free > 0:
-                n = min(free, len(chunk))
+            left = shutil.disk_usage(self.data_dir).free - leave_bytes
+            while left > 0:
                 try:
-                    f.write(chunk[:n])
-                    f.flush()
-                except OSError:
+                    left -= f.write(chunk[: min(left, len(chunk))])
+                except OSError:  # full already: the workers wrote meanwhile
                     break
-                free -= n
         return filler
 
 

@@ -8,6 +8,7 @@ it; ``somna bench chaos`` runs the same functions with longer loads and prints t
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -332,12 +333,16 @@ def disk_full(cluster: Cluster, size: Size = QUICK, full_s: float = 6.0) -> Outc
     scopes, load = _load(cluster, "disk", size)
     load.start()
     wait_for(lambda: load.acked >= size.events // 4, 120)
-    filler = cluster.fill_disk()
-    deadline = time.time() + full_s
-    while time.time() < deadline:
-        cluster.heal()  # a supervisor restarts what the full disk kills
-        time.sleep(1.0)
-    filler.unlink()
+    filler = cluster.data_dir / "chaos-filler.bin"
+    try:
+        cluster.fill_disk()
+        out.details["free_bytes_while_full"] = shutil.disk_usage(cluster.data_dir).free
+        deadline = time.time() + full_s
+        while time.time() < deadline:
+            cluster.heal()  # a supervisor restarts what the full disk kills
+            time.sleep(1.0)
+    finally:
+        filler.unlink(missing_ok=True)  # never leave the disk full for the next scenario
     fault_end = time.time()
     report = load.join()
     return finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
