@@ -11,6 +11,12 @@ A retraction of event E of scope X:
 
 ``rebuild`` replays a scope's whole history from zeros (after a base model upgrade, say).
 Both are idempotent: the job id is derived from what they do, so a retry finds the version.
+
+A retraction of an event that never existed (in neither the history nor the scope's
+partition of ``somna.interactions`` up to the live watermark) only leaves its tombstone:
+it is logged and counted, and nothing is rebuilt, registered or published. (``retract``
+still announces it on ``somna.retractions``: an event not consolidated yet may sit in an
+agent's buffer.)
 """
 
 from __future__ import annotations
@@ -19,16 +25,23 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from consolidation import metrics, registry
 from consolidation.batch import run_batch
-from consolidation.planner import Plan, plan_rebuild
+from consolidation.planner import Plan, plan_rebuild, stable_id
 from consolidation.purge import PurgeResult, purge_event
 from consolidation.registry import BaseModel
-from consolidation.turns import TopicReader
+from consolidation.turns import TopicReader, partition_for
 from infra.settings import Settings
 from streams.records import FastWeightsPublished
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_EVENT = "unknown event"
+UNKNOWN_RETRACTIONS = Counter(
+    "somna_retractions_unknown_total", "Retractions of events never seen (nothing rebuilt)"
+)
 
 
 @dataclass
@@ -68,9 +81,20 @@ async def apply(
         registry.record_retraction, settings.tracking_uri, scope_id, event_id, reason
     )
     purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
+    partition = partition if partition is not None else purge.partition
+    offset = purge.offset
+    if offset is None:
+        found, offset = await _locate(settings, scope_id, event_id, partition, reader)
+        if not found:
+            UNKNOWN_RETRACTIONS.inc()
+            log.warning(
+                "retraction of %s of %s: not in the history nor in the consolidated range "
+                "of the topic; tombstone recorded, nothing rebuilt", event_id, scope_id,
+            )  # fmt: skip
+            return RetractionResult(purge=purge, outcome=UNKNOWN_EVENT, published=None)
     plan = await plan_rebuild(
-        settings, base, scope_id, partition=partition if partition is not None else purge.partition,
-        retracted_event=event_id, retracted_offset=purge.offset, reader=reader,
+        settings, base, scope_id, partition=partition,
+        retracted_event=event_id, retracted_offset=offset, reader=reader,
     )  # fmt: skip
     published = await _execute(settings, base, plan, device)
     metrics.RETRACTIONS.inc()
@@ -80,6 +104,35 @@ async def apply(
         f" -> v{published.version}" if published else "",
     )  # fmt: skip
     return RetractionResult(purge=purge, outcome=plan.outcome, published=published)
+
+
+async def _locate(
+    settings: Settings,
+    scope_id: str,
+    event_id: str,
+    partition: int | None,
+    reader: TopicReader | None,
+) -> tuple[bool, int | None]:
+    """For an event the history does not hold: (whether a rebuild may be due, its offset).
+
+    The history may lack it because this retraction was applied before (the job id finds
+    the version), because the history worker purged it first, or because it was never
+    flushed: then the topic has it, up to the live watermark. Beyond the watermark it is
+    not consolidated, so there is nothing to rebuild either way."""
+    uri = settings.tracking_uri
+    job_id = stable_id("retract", scope_id, event_id)
+    if await asyncio.to_thread(registry.find_version_by_job, uri, scope_id, job_id) is not None:
+        return True, None  # plan_rebuild answers "retried"
+    live = await asyncio.to_thread(registry.latest_live, uri, scope_id)
+    if live is None:
+        return True, None  # plan_rebuild answers "nothing consolidated"
+    if reader is None:  # the history is the only source here, and it has no such event
+        return False, None
+    if partition is None:
+        partition = partition_for(scope_id, settings.partitions)
+    turns = await reader.read(scope_id, partition, 0, live.watermark)
+    offsets = [t.offset for t in turns if t.event_id == event_id]
+    return (True, offsets[0]) if offsets else (False, None)
 
 
 async def rebuild_async(

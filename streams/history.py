@@ -6,6 +6,10 @@ written to a temp name and renamed. A file's name comes from its (topic, partiti
 offset, last offset), and a write that overlaps files already there for the same
 (topic, partition) merges them into one file and removes the old ones: a replay after a
 crash rewrites instead of duplicating, so the history holds each event once (invariant 4).
+An event produced twice (a reply redelivered after a worker crash lands at two offsets) is
+kept once too: a write leaves out rows whose id (``reply_id`` of a reply, ``event_id`` of an
+interaction) another file of the same (topic, partition) and directory already holds, and
+``read_history`` drops repeated reply ids as a second line of defence.
 
 A retracted event never comes back: the Kafka log still holds it, so a replay, or an event
 flushed after its purge, would write its text again. Every write (new rows and the rows
@@ -25,8 +29,9 @@ import re
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,6 +164,43 @@ def write_rows(
     return [p for p in written if p is not None]
 
 
+def event_key(row: dict) -> tuple[str, str]:
+    """What makes a row one event: a reply's ``reply_id`` (its ``event_id`` is the turn it
+    answers), an interaction's ``event_id``."""
+    return (row["kind"], row["reply_id"] if row["kind"] == "reply" else row["event_id"])
+
+
+@lru_cache(maxsize=4096)
+def _keys_in_file(path: str, mtime_ns: int, size: int) -> frozenset[tuple[str, str]]:
+    # Keyed by mtime and size too: a file rewritten under the same name is read again.
+    table = pq.read_table(path, columns=["kind", "event_id", "reply_id"])
+    return frozenset(event_key(r) for r in table.to_pylist())
+
+
+def _keys_in(paths: Iterable[Path]) -> set[tuple[str, str]]:
+    keys: set[tuple[str, str]] = set()
+    for path in paths:
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # replaced meanwhile by a merge
+            continue
+        keys |= _keys_in_file(str(path), st.st_mtime_ns, st.st_size)
+    return keys
+
+
+def _once(rows: list[dict], elsewhere: set[tuple[str, str]]) -> list[dict]:
+    """``rows`` (in offset order) with each event once, at its first offset, and none that
+    another file already holds."""
+    seen = set(elsewhere)
+    out = []
+    for row in rows:
+        key = event_key(row)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
 def _merge_write(
     directory: Path,
     topic: str,
@@ -170,17 +212,20 @@ def _merge_write(
     first = min(r["offset"] for r in rows)
     last = max(r["offset"] for r in rows)
     # Files of the same (topic, partition) whose offset range overlaps ours: a replay.
-    overlapping = []
+    # The others may hold the same event at another offset: a redelivery (invariant 4).
+    overlapping, others = [], []
     for path in directory.glob(f"{topic}-p{partition}-*.parquet"):
         m = _FILE_RE.match(path.name)
         if m and m["topic"] == topic and int(m["partition"]) == partition:
             if int(m["first"]) <= last and first <= int(m["last"]):
                 overlapping.append(path)
+            else:
+                others.append(path)
     by_offset = {r["offset"]: r for r in rows}
     for path in overlapping:
         for old in pq.read_table(path, schema=SCHEMA).to_pylist():
             by_offset.setdefault(old["offset"], old)
-    merged = [by_offset[o] for o in sorted(by_offset)]
+    merged = _once([by_offset[o] for o in sorted(by_offset)], _keys_in(others))
     if retracted is not None:
         merged = retracted.keep(merged)
     if not merged:  # only retracted rows: the files that held them go
@@ -243,7 +288,10 @@ def dataset(history_dir: Path) -> ds.Dataset:
 
 
 def read_history(history_dir: Path | str, scope_id: str | None = None) -> pa.Table:
-    """All rows (or one scope's), deduplicated by (source_topic, partition, offset), in order."""
+    """All rows (or one scope's), deduplicated by (source_topic, partition, offset), in order.
+
+    A reply id seen twice (a redelivered reply the writer missed, say across two dates)
+    is kept at its first offset only."""
     history_dir = Path(history_dir)
     if not history_dir.exists() or not any(history_dir.rglob("*.parquet")):
         return SCHEMA.empty_table()
@@ -265,9 +313,22 @@ def read_history(history_dir: Path | str, scope_id: str | None = None) -> pa.Tab
             seen.add(key)
             keep.append(i)
     table = table.take(pa.array(keep, type=pa.int64())).cast(SCHEMA)
-    return table.sort_by(
+    table = table.sort_by(
         [("source_topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
     )
+    replies: set[str] = set()
+    keep = []
+    for i, (kind, reply_id) in enumerate(
+        zip(table["kind"].to_pylist(), table["reply_id"].to_pylist(), strict=True)
+    ):
+        if kind == "reply" and reply_id is not None:
+            if reply_id in replies:
+                continue
+            replies.add(reply_id)
+        keep.append(i)
+    if len(keep) == table.num_rows:
+        return table
+    return table.take(pa.array(keep, type=pa.int64()))
 
 
 # --- the Faust glue ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from consolidation import registry
 from consolidation.batch import SleepTask, run_batch, sleep_states
 from consolidation.planner import _chunks, plan_job
-from consolidation.retraction import apply, rebuild_async
+from consolidation.retraction import UNKNOWN_EVENT, apply, rebuild_async
 from consolidation.rollback import rollback
 from consolidation.turns import from_history
 from infra.settings import Settings
@@ -103,6 +103,19 @@ def test_retraction_purges_and_rebuilds_from_the_version_before(three_versions, 
     assert again.outcome == "retried" and again.published == pub
     # A later job never brings the event back (the Kafka log still has it; the tombstone rules).
     assert registry.retracted_event_ids(settings.tracking_uri, scope) == {event}
+
+
+def test_retracting_an_unknown_event_registers_nothing(three_versions, base_model) -> None:
+    settings, scope, (_, _, v3) = three_versions
+    versions = len(registry.list_versions(settings.tracking_uri, scope))
+    files = sorted(p.name for p in settings.history_dir.rglob("*.parquet"))
+    result = asyncio.run(apply(settings, base_model, scope, f"{scope}-nope", "never existed"))
+    assert result.outcome == UNKNOWN_EVENT and result.published is None
+    assert result.purge.rows_removed == 0
+    assert len(registry.list_versions(settings.tracking_uri, scope)) == versions
+    assert registry.latest_live(settings.tracking_uri, scope) == v3
+    assert sorted(p.name for p in settings.history_dir.rglob("*.parquet")) == files
+    assert read_history(settings.history_dir, scope).num_rows == len(FACTS)
 
 
 def test_rebuild_replays_the_whole_history_from_zeros(three_versions, base_model) -> None:

@@ -152,3 +152,41 @@ def test_a_replay_also_drops_retracted_rows_merged_from_older_files(tmp_path):
     scope1_files = tmp_path.glob(f"*/bucket={bucket_of('scope1'):02d}/*.parquet")
     assert not list(scope1_files), "a file of retracted rows only is removed"
     assert read_history(tmp_path)["event_id"].to_pylist() == ["e0", "e2"]
+
+
+def _reply(scope: str, ts: float = TS) -> Reply:
+    return Reply(reply_id=reply_id_for("e0"), event_id="e0", scope_id=scope, text="ok",
+                 base_model_version="1", latency_ms=1.0, ts=ts)  # fmt: skip
+
+
+def test_a_redelivered_reply_is_written_once(tmp_path):
+    """A worker crash after producing a reply: the reply is produced again, at another
+    offset, and the history writes it in another window. Invariant 4: one row."""
+    sink = HistorySink(tmp_path)
+    sink.add(_reply("scope0"), topic=REPLIES, partition=0, offset=3)
+    sink.add(_turn(1, "scope0"), topic=INTERACTIONS, partition=0, offset=1)
+    sink.flush()
+    sink.add(_reply("scope0"), topic=REPLIES, partition=0, offset=9)
+    sink.add(_turn(1, "scope0"), topic=INTERACTIONS, partition=0, offset=7)  # same event_id
+    sink.add(_turn(8, "scope0"), topic=INTERACTIONS, partition=0, offset=8)
+    sink.flush()
+    rows = []
+    for path in tmp_path.rglob("*.parquet"):
+        rows += pq.read_table(path, columns=["kind", "event_id", "offset"]).to_pylist()
+    replies = [r for r in rows if r["kind"] == "reply"]
+    assert [r["offset"] for r in replies] == [3], "the first copy only"
+    assert sorted(r["event_id"] for r in rows if r["kind"] == "interaction") == ["e1", "e8"]
+    table = read_history(tmp_path, "scope0")
+    assert table["reply_id"].to_pylist().count(reply_id_for("e0")) == 1
+
+
+def test_read_history_keeps_one_row_per_reply_id(tmp_path):
+    # Two copies the writer cannot see together: different dates, so different directories.
+    sink = HistorySink(tmp_path)
+    sink.add(_reply("scope0"), topic=REPLIES, partition=0, offset=3)
+    sink.flush()
+    sink.add(_reply("scope0", ts=TS + 86_400), topic=REPLIES, partition=0, offset=9)
+    sink.flush()
+    assert len(list(tmp_path.rglob("*.parquet"))) == 2
+    table = read_history(tmp_path, "scope0")
+    assert table["offset"].to_pylist() == [3]
