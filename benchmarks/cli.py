@@ -7,14 +7,14 @@ a table (rich), writes its JSON when asked, and returns the same dict.
 from __future__ import annotations
 
 import importlib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
-class Bench(str, Enum):
+class Bench(StrEnum):
     memory = "memory"
     sleep = "sleep"
     pipeline = "pipeline"
