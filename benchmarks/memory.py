@@ -106,9 +106,10 @@ def evaluate_variant(v: Variant, n: int) -> dict[str, Any]:
         passes=cfg.passes,
         pattern=lm.config.layer_kinds,
         params=lm.num_params(),
-        train_steps=trained.get("steps"),
-        train_seconds=trained.get("train_seconds"),
+        train_steps=trained.get("total_steps", trained.get("steps")),
+        train_seconds=trained.get("total_train_seconds", trained.get("train_seconds")),
         accuracy=ev["accuracy"],
+        name_chars=ev["name_chars"],
         memory_bytes=memory_bytes(lm, cfg),
         flops_per_consolidated_token=sleep_flops_per_token(lm, cfg),
     )
@@ -165,23 +166,39 @@ def _print_table(result: dict[str, Any]) -> None:
         },
         key=lambda k: int(k.split("=")[1]),
     )
-    t = Table(title="memory: held-out exact match after eviction (mean ± std over 3 eval seeds)")
-    for col in ["variant", "all", *hops, "memory/scope", "FLOPs/slept token"]:
+    t = Table(
+        title="memory: held-out exact match after eviction (mean±std over 3 eval seeds); "
+        "chars = fraction of the answer name's letters right"
+    )
+    cols = [
+        "variant",
+        "all",
+        *hops,
+        "chars 1-hop",
+        "chars 2-hop",
+        "memory/scope",
+        "FLOPs/slept token",
+        "train steps",
+    ]
+    for col in cols:
         t.add_column(col, justify="left" if col == "variant" else "right")
     d = Table(title="accuracy by distance (chunks since the facts were evicted)")
     for col in ["variant", *dists]:
         d.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         if r["status"] != "ok":
-            t.add_row(r["variant"], r["status"], *[""] * (len(hops) + 2))
+            t.add_row(r["variant"], r["status"], *[""] * (len(cols) - 2))
             continue
         acc = r["accuracy"]
         t.add_row(
             r["variant"],
             _fmt(acc.get("all")),
             *[_fmt(acc.get(h)) for h in hops],
+            _fmt(r["name_chars"].get("hops=1")),
+            _fmt(r["name_chars"].get("hops=2")),
             f"{r['memory_bytes']['total'] / 1024:.1f} KiB",
             f"{r['flops_per_consolidated_token'] / 1e6:.2f} M",
+            str(r["train_steps"]),
         )
         d.add_row(r["variant"], *[_fmt(acc.get(k)) for k in dists])
     console = Console(width=160)

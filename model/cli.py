@@ -43,6 +43,9 @@ def train_command(
     slow_decay_init: Annotated[
         bool, typer.Option(help="Start GDN heads with slow decay (long memory).")
     ] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Continue from this checkpoint dir's weights.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of init and training data.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between quick evaluations.")] = 250,
     eval_examples: Annotated[int, typer.Option(help="Held-out examples per eval seed.")] = 64,
@@ -82,6 +85,7 @@ def train_command(
         lr=lr,
         lm_weight=lm_weight,
         slow_decay_init=slow_decay_init,
+        init_from=str(init_from) if init_from else None,
         seed=seed,
         eval_every=eval_every,
         eval_examples=eval_examples,

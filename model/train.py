@@ -70,6 +70,9 @@ class TrainConfig:
     # some heads forget within ~10 tokens, and with N sleep passes per chunk the decay of
     # older chunks compounds N times, so gradients to keep a fact across chunks vanish.
     slow_decay_init: bool = False
+    # Continue from the weights of this checkpoint dir (same model config); the schedule
+    # restarts (warmup + cosine over this run's steps).
+    init_from: str | None = None
     max_minutes: float = 0.0  # wall-clock budget (0 = none): the schedule follows whichever
     # of steps or time runs out first, so a run on a shared CPU still ends on time
     seed: int = 0
@@ -166,13 +169,17 @@ def batch_tensors(examples: Sequence[Example], device: torch.device) -> tuple[Te
 
 
 def exact_matches(logits: Tensor, ids: Tensor, examples: Sequence[Example]) -> list[tuple]:
-    """(hops, distance, correct) per question of each example."""
+    """(hops, distance, exactly right, fraction of the name's characters right) per question.
+
+    The character fraction (the answer without its trailing "." and end of turn) is a
+    graded signal for models that do not yet get whole names right."""
     pred = logits.argmax(-1)
     out = []
     for b, ex in enumerate(examples):
         for q in ex.questions:
-            ok = bool((pred[b, q.start - 1 : q.end - 1] == ids[b, q.start : q.end]).all())
-            out.append((q.hops, q.distance, ok))
+            hit = pred[b, q.start - 1 : q.end - 1] == ids[b, q.start : q.end]
+            name = hit[: max(1, len(hit) - 2)]
+            out.append((q.hops, q.distance, bool(hit.all()), float(name.float().mean())))
     return out
 
 
@@ -201,6 +208,7 @@ def evaluate(
     was_training = lm.training
     lm.eval()
     per_seed: list[dict[str, float]] = []
+    per_seed_chars: list[dict[str, float]] = []
     counts: dict[str, int] = defaultdict(int)
     for seed in seeds:
         exs = eval_sets(cfg, seed, n)
@@ -216,24 +224,35 @@ def evaluate(
                 with _autocast(lm.device):
                     logits = run_model(lm, ids, cfg.memory, cfg.passes)
                 results += exact_matches(logits, ids, part)
-        acc: dict[str, list[bool]] = defaultdict(list)
-        for hops, dist, ok in results:
-            acc["all"].append(ok)
-            acc[f"hops={hops}"].append(ok)
-            acc[f"distance={dist}"].append(ok)
-        per_seed.append({k: sum(v) / len(v) for k, v in acc.items()})
+        acc: dict[str, list[float]] = defaultdict(list)
+        chars: dict[str, list[float]] = defaultdict(list)
+        for hops, dist, ok, frac in results:
+            for key in ("all", f"hops={hops}", f"distance={dist}"):
+                acc[key].append(float(ok))
+                chars[key].append(frac)
+        per_seed.append({k: statistics.fmean(v) for k, v in acc.items()})
+        per_seed_chars.append({k: statistics.fmean(v) for k, v in chars.items()})
         for k, v in acc.items():
             counts[k] += len(v)
     lm.train(was_training)
-    summary = {}
+    return {
+        "accuracy": _summary(per_seed, counts),
+        "name_chars": _summary(per_seed_chars, counts),
+        "seeds": list(seeds),
+    }
+
+
+def _summary(per_seed: list[dict[str, float]], counts: dict[str, int]) -> dict[str, dict]:
+    """Mean and (population) standard deviation over seeds, per slice."""
+    out = {}
     for key in sorted(counts, key=_key_order):
         vals = [s[key] for s in per_seed if key in s]
-        summary[key] = {
+        out[key] = {
             "mean": statistics.fmean(vals),
             "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
             "n": counts[key],
         }
-    return {"accuracy": summary, "seeds": list(seeds)}
+    return out
 
 
 def _key_order(key: str) -> tuple[str, int]:
@@ -273,7 +292,13 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = HybridLM(cfg.model_config()).to(device)
-    if cfg.slow_decay_init:
+    prior: dict[str, Any] = {}
+    if cfg.init_from:
+        from safetensors.torch import load_model
+
+        load_model(lm, str(Path(cfg.init_from) / "model.safetensors"), device=str(device))
+        prior = _prior_run(Path(cfg.init_from))
+    elif cfg.slow_decay_init:
         slow_decay_init(lm)
     decay = [p for p in lm.parameters() if p.dim() >= 2]
     no_decay = [p for p in lm.parameters() if p.dim() < 2]
@@ -335,6 +360,8 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         "memory": cfg.memory,
         "passes": cfg.passes,
         "steps": history[-1]["step"],
+        "total_steps": history[-1]["step"] + prior.get("total_steps", 0),
+        "total_train_seconds": round(train_s + prior.get("total_train_seconds", 0), 1),
         "final_loss": ema,
         "train_seconds": round(train_s, 1),
         "device": str(device),
@@ -343,6 +370,8 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         "train_config": asdict(cfg),
         "model_config": lm.config.to_dict(),
     }
+    if prior.get("command"):
+        cfg.command = prior["command"] + "\n" + cfg.command
     out = save_checkpoint(lm, cfg, metrics, history) if cfg.out else None
     return TrainResult(metrics=metrics, out=out, history=history)
 
@@ -371,6 +400,18 @@ def save_checkpoint(
     (out / "history.json").write_text(json.dumps(history) + "\n")
     if cfg.command:
         (out / "COMMAND.txt").write_text(cfg.command.strip() + "\n")
+    return out
+
+
+def _prior_run(directory: Path) -> dict[str, Any]:
+    """Steps, seconds and command of the run a continued run starts from."""
+    out: dict[str, Any] = {}
+    if (directory / "metrics.json").is_file():
+        m = json.loads((directory / "metrics.json").read_text())
+        out["total_steps"] = m.get("total_steps", m.get("steps", 0))
+        out["total_train_seconds"] = m.get("total_train_seconds", m.get("train_seconds", 0))
+    if (directory / "COMMAND.txt").is_file():
+        out["command"] = (directory / "COMMAND.txt").read_text().strip()
     return out
 
 

@@ -50,6 +50,8 @@ def tiny(tmp_path: Path, **kw) -> TrainConfig:
         eval_seeds=(0,),
         far_gap_chunks=0,
         out=str(tmp_path / "ck"),
+        lm_weight=0.3,
+        slow_decay_init=True,
     )
     base.update(kw)
     return TrainConfig(**base)
