@@ -69,14 +69,7 @@ def install(
             turns: list[Turn] = []
             for ev in events:
                 msg = ev.message
-                event = await turns_dlq.decode(
-                    ev.value,
-                    Interaction,
-                    key=ev.key,
-                    topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                )
+                event = await turns_dlq.decode_event(ev, Interaction)
                 metrics.EVENTS.labels(role="agent", topic=msg.topic).inc()
                 if event is None:
                     continue
@@ -121,15 +114,7 @@ def install(
     @app.agent(topics.fast_weights, name="somna-agent-fast-weights")
     async def swap(stream: faust.StreamT) -> None:
         async for ev in stream.events():
-            msg = ev.message
-            published = await weights_dlq.decode(
-                ev.value,
-                FastWeightsPublished,
-                key=ev.key,
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-            )
+            published = await weights_dlq.decode_event(ev, FastWeightsPublished)
             if published is None or not engine.uses_fast_weights:
                 continue
             if not engine.loaded(published.scope_id):
@@ -162,15 +147,7 @@ def install(
     @app.agent(topics.retractions, name="somna-agent-retractions")
     async def retract(stream: faust.StreamT) -> None:
         async for ev in stream.events():
-            msg = ev.message
-            retraction = await retractions_dlq.decode(
-                ev.value,
-                Retraction,
-                key=ev.key,
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-            )
+            retraction = await retractions_dlq.decode_event(ev, Retraction)
             if retraction is not None and engine.loaded(retraction.scope_id):
                 await thread.call(engine.retract, retraction)
 

@@ -224,14 +224,7 @@ def install(
             async for ev in stream.events():
                 msg = ev.message
                 metrics.EVENTS.labels(role="consolidator", topic=msg.topic).inc()
-                event = await policy.decode(
-                    ev.value,
-                    kind,
-                    key=ev.key,
-                    topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                )
+                event = await policy.decode_event(ev, kind)
                 if event is not None:
                     await emit(handle(event, msg.offset))
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from infra.topics import DEAD_LETTERS
 from streams import metrics
 from streams.records import DeadLetter, Event, InvalidEvent, decode, now
+
+if TYPE_CHECKING:
+    from faust.types import EventT
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,13 @@ class DeadLetterPolicy:
                 raw, key=key, reason=e.reason, topic=topic, partition=partition, offset=offset
             )
             return None
+
+    async def decode_event(self, ev: EventT, kind: type[E]) -> E | None:
+        """:meth:`decode` for a Faust event: its value, key and position in the log."""
+        msg = ev.message
+        return await self.decode(
+            ev.value, kind, key=ev.key, topic=msg.topic, partition=msg.partition, offset=msg.offset
+        )
 
     async def divert(
         self,

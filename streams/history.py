@@ -369,14 +369,7 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
                 for ev in events:
                     msg = ev.message
                     metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
-                    event = await policy.decode(
-                        ev.value,
-                        kind,
-                        key=ev.key,
-                        topic=msg.topic,
-                        partition=msg.partition,
-                        offset=msg.offset,
-                    )
+                    event = await policy.decode_event(ev, kind)
                     if event is not None:
                         window_rows.append((event, msg.topic, msg.partition, msg.offset))
                 await write_window(sink, window_rows)
@@ -403,14 +396,7 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
         async for ev in stream.events():
             msg = ev.message
             metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
-            event = await retractions_policy.decode(
-                ev.value,
-                Retraction,
-                key=ev.key,
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-            )
+            event = await retractions_policy.decode_event(ev, Retraction)
             if event is None:
                 continue
             retracted.add(event.scope_id, event.event_id)
