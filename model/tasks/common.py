@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import product
+from typing import Any
 
 RenderTurn = Callable[[str, str], list[int]]
 
@@ -78,6 +79,22 @@ def name_pool(split: str, *, length: int = 3) -> list[str]:
         raise ValueError(f"name length must be 2 or 3, got {length}")
     held = split == "heldout"
     return [n for i, n in enumerate(names) if (i % 5 == 0) == held]
+
+
+def seeded_examples(
+    make_one: Callable[[Any, random.Random, str, RenderTurn], Example],
+    task: str,
+    cfg: Any,
+    n: int,
+    seed: int,
+    split: str = "train",
+    render: RenderTurn | None = None,
+) -> list[Example]:
+    """``n`` examples of ``task`` made by ``make_one``, reproducible from ``seed``
+    (each task binds its own ``make_examples`` to this)."""
+    rng = random.Random(f"{task}-{split}-{seed}")
+    render = render or default_render()
+    return [make_one(cfg, rng, split, render) for _ in range(n)]
 
 
 def default_render() -> RenderTurn:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 
 from model.tasks.common import (
     Example,
@@ -23,6 +24,7 @@ from model.tasks.common import (
     SequenceBuilder,
     default_render,
     name_pool,
+    seeded_examples,
 )
 
 
@@ -119,14 +121,5 @@ def make_example(
     return b.build(questions)
 
 
-def make_examples(
-    cfg: FactsConfig,
-    n: int,
-    seed: int,
-    split: str = "train",
-    render: RenderTurn | None = None,
-) -> list[Example]:
-    """``n`` examples, reproducible from ``seed``."""
-    rng = random.Random(f"facts-{split}-{seed}")
-    render = render or default_render()
-    return [make_example(cfg, rng, split, render) for _ in range(n)]
+# ``make_examples(cfg, n, seed, split="train", render=None)``: n seeded examples.
+make_examples = partial(seeded_examples, make_example, "facts")
