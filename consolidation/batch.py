@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consolidation import metrics, registry
+from consolidation import blobs, fast_weights, fast_weights_load, metrics, tracking
+from consolidation.base_model import BaseModel
 from consolidation.cost import BatchCost, EnergyMeter, Stopwatch, estimate_flops
-from consolidation.registry import BaseModel, Lineage
+from consolidation.fast_weights import Lineage
 from streams.records import FastWeightsPublished
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,20 @@ def run_batch(
     passes: int,
     device: str | None = None,
     run_name: str = "sleep",
+    blob_root: Path | None = None,
 ) -> tuple[list[FastWeightsPublished], BatchCost]:
-    """Sleep, then register one version per task; returns the events to publish and the cost."""
+    """Sleep, then register one version per task; returns the events to publish and the cost.
+
+    With ``blob_root`` each registered artifact is also copied there (``consolidation.blobs``)
+    for the agents to swap in without a download.
+    """
     import torch
 
     device = device or pick_device()
     wall = Stopwatch()
-    c = registry.client(tracking_uri)
+    c = tracking.client(tracking_uri)
     run = c.create_run(
-        registry.experiment_id(c, registry.SLEEP_EXPERIMENT),
+        tracking.experiment_id(c, tracking.SLEEP_EXPERIMENT),
         run_name=run_name,
         tags={"somna.kind": "sleep-batch", "base_model_version": base.version, "device": device},
     )
@@ -150,16 +156,18 @@ def run_batch(
             tensors, meta = artifact_of(base, weights, lin)
             local = (
                 Path(tmp)
-                / registry.fast_weights_model_name(lin.scope_id)
-                / registry.FAST_WEIGHTS_FILE
+                / fast_weights.fast_weights_model_name(lin.scope_id)
+                / fast_weights.FAST_WEIGHTS_FILE
             )
-            registry.write_artifact(local, tensors, meta)
-            pub = registry.register_fast_weights(
+            fast_weights.write_artifact(local, tensors, meta)
+            pub = fast_weights.register_fast_weights(
                 tracking_uri, run_id=run_id, local_file=local, lineage=lin,
                 extra_tags=task.extra_tags, run_artifact_uri=run.info.artifact_uri,
                 check_existing=False,  # the planner looked the job id up just before
             )  # fmt: skip
-            registry.remember(tracking_uri, pub, tensors, meta)
+            fast_weights_load.remember(tracking_uri, pub, tensors, meta)
+            if blob_root is not None:
+                blobs.put(blob_root, pub.sha256, local)
             metrics.VERSIONS.inc()
             return pub
 

@@ -90,7 +90,7 @@ class Stopwatch:
 
 def cost_report(tracking_uri: str, dollars_per_hour: float, max_runs: int = 10_000) -> dict:
     """Per sleep run and in total: tokens, GPU-seconds, joules, dollars."""
-    from consolidation.registry import SLEEP_EXPERIMENT, client
+    from consolidation.tracking import SLEEP_EXPERIMENT, client
 
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(SLEEP_EXPERIMENT)

@@ -17,7 +17,7 @@ import statistics
 import time
 import uuid
 
-from consolidation.registry import _ensure_registered_model, client, experiment_id
+from consolidation.tracking import client, ensure_registered_model, experiment_id
 
 
 def _probe(uri: str, scopes: int, versions: int, shared: bool) -> dict[str, float]:
@@ -25,7 +25,7 @@ def _probe(uri: str, scopes: int, versions: int, shared: bool) -> dict[str, floa
     tag = uuid.uuid4().hex[:6]
     shared_name = f"probe-shared-{tag}"
     if shared:
-        _ensure_registered_model(c, shared_name, {})
+        ensure_registered_model(c, shared_name, {})
     run = c.create_run(experiment_id(c, "somna-layout-probe")).info
     register_ms, lookup_ms = [], []
     for v in range(versions):
@@ -36,7 +36,7 @@ def _probe(uri: str, scopes: int, versions: int, shared: bool) -> dict[str, floa
             job = f"job-{v}-{s}"
             t0 = time.perf_counter()
             if not shared and v == 0:
-                _ensure_registered_model(c, name, {"scope_id": scope})
+                ensure_registered_model(c, name, {"scope_id": scope})
             flt = f"name = '{name}' and tags.job_id = '{job}'"
             if shared:
                 flt += f" and tags.scope_id = '{scope}'"

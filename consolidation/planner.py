@@ -19,10 +19,11 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load, retraction_record
+from consolidation.base_model import BaseModel
 from consolidation.batch import SleepTask
 from consolidation.exceptions import HistoryError
-from consolidation.registry import BaseModel, Lineage
+from consolidation.fast_weights import Lineage
 from consolidation.turns import TopicReader, Turn, chunk_turns, partition_for, scope_turns
 from infra.settings import Settings
 from streams.records import FastWeightsPublished, SleepJob
@@ -53,7 +54,7 @@ def _lineage_chain(uri: str, scope_id: str, live: FastWeightsPublished) -> list[
     """Tags of the live version and its ancestors (newest first), following parent_version."""
     by_version = {
         str(mv.version): dict(mv.tags, version=str(mv.version))
-        for mv in registry.list_versions(uri, scope_id)
+        for mv in fast_weights.list_versions(uri, scope_id)
     }
     chain, v = [], live.version
     while v and v in by_version and len(chain) <= len(by_version):
@@ -71,21 +72,21 @@ async def plan_job(
 ) -> Plan:
     uri = settings.tracking_uri
     scope = job.scope_id
-    existing = await asyncio.to_thread(registry.find_version_by_job, uri, scope, job.job_id)
-    live = await asyncio.to_thread(registry.latest_live, uri, scope)
+    existing = await asyncio.to_thread(fast_weights.find_version_by_job, uri, scope, job.job_id)
+    live = await asyncio.to_thread(fast_weights.latest_live, uri, scope)
     if existing is not None:
-        pub = registry.published(existing)
+        pub = fast_weights.published(existing)
         if live is None or live.watermark < pub.watermark:
-            pub = await asyncio.to_thread(registry.set_live, uri, scope, pub.version)
+            pub = await asyncio.to_thread(fast_weights.set_live, uri, scope, pub.version)
         return Plan(
             scope,
             done=pub if live is None or pub.watermark >= live.watermark else live,
             outcome="retried",
         )
     rebuild = job.reason in ("retraction", "rebuild")
-    retracted = await asyncio.to_thread(registry.retracted_event_ids, uri, scope)
+    retracted = await asyncio.to_thread(retraction_record.retracted_event_ids, uri, scope)
     if live is not None and live.watermark >= job.to_watermark:
-        tags = (await asyncio.to_thread(registry.get_version, uri, scope, live.version)).tags
+        tags = (await asyncio.to_thread(fast_weights.get_version, uri, scope, live.version)).tags
         applied = tags.get("retractions_applied", "0") == str(len(retracted))
         if not rebuild or (applied and tags.get("base_model_version") == base.version):
             return Plan(scope, done=live, outcome="stale")
@@ -128,7 +129,7 @@ async def _task(
     weights = None
     if parent is not None:
         fw = await asyncio.to_thread(
-            registry.load_fast_weights, settings.tracking_uri, parent, scope
+            fast_weights_load.load_fast_weights, settings.tracking_uri, parent, scope
         )
         weights = fw.tensors
     chunks = _chunks(turns, settings.chunk_tokens)
@@ -160,7 +161,7 @@ async def plan_rebuild(
     """Replay a scope's history after a snapshot: zeros for a whole-history rebuild, or the
     last version in the live lineage whose watermark is before ``retracted_offset``."""
     uri = settings.tracking_uri
-    live = await asyncio.to_thread(registry.latest_live, uri, scope)
+    live = await asyncio.to_thread(fast_weights.latest_live, uri, scope)
     if live is None:
         return Plan(scope, outcome="nothing consolidated")
     if (
@@ -175,9 +176,9 @@ async def plan_rebuild(
     else:
         job_id = stable_id("rebuild", scope, base.version, live.version)
         reason = "rebuild"
-    existing = await asyncio.to_thread(registry.find_version_by_job, uri, scope, job_id)
+    existing = await asyncio.to_thread(fast_weights.find_version_by_job, uri, scope, job_id)
     if existing is not None:
-        return Plan(scope, done=registry.published(existing), outcome="retried")
+        return Plan(scope, done=fast_weights.published(existing), outcome="retried")
     snapshot = None
     if retracted_event is not None and retracted_offset is not None:
         chain = await asyncio.to_thread(_lineage_chain, uri, scope, live)
@@ -186,9 +187,9 @@ async def plan_rebuild(
                 int(tags["watermark"]) < retracted_offset
                 and tags["base_model_version"] == base.version
             ):
-                snapshot = registry.published_from_tags(tags["version"], tags)
+                snapshot = fast_weights.published_from_tags(tags["version"], tags)
                 break
-    retracted = await asyncio.to_thread(registry.retracted_event_ids, uri, scope)
+    retracted = await asyncio.to_thread(retraction_record.retracted_event_ids, uri, scope)
     lo = snapshot.watermark + 1 if snapshot else 0
     if partition is None and reader is not None:
         partition = partition_for(scope, settings.partitions)

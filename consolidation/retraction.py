@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from consolidation import metrics, registry
+from consolidation import fast_weights, metrics, retraction_record
+from consolidation.base_model import BaseModel, ensure_base_model
 from consolidation.batch import run_batch
 from consolidation.planner import Plan, plan_rebuild, stable_id
 from consolidation.purge import PurgeResult, purge_event
-from consolidation.registry import BaseModel
 from consolidation.turns import TopicReader, partition_for
 from infra.settings import Settings
 from streams.records import FastWeightsPublished
@@ -78,7 +78,7 @@ async def apply(
     # Record first: the history writer consults the registry, so once the tombstone is
     # there no later write can put the row back after the purge below.
     await asyncio.to_thread(
-        registry.record_retraction, settings.tracking_uri, scope_id, event_id, reason
+        retraction_record.record_retraction, settings.tracking_uri, scope_id, event_id, reason
     )
     purge = await asyncio.to_thread(purge_event, settings.history_dir, scope_id, event_id)
     partition = partition if partition is not None else purge.partition
@@ -121,9 +121,9 @@ async def _locate(
     not consolidated, so there is nothing to rebuild either way."""
     uri = settings.tracking_uri
     job_id = stable_id("retract", scope_id, event_id)
-    if await asyncio.to_thread(registry.find_version_by_job, uri, scope_id, job_id) is not None:
+    if await asyncio.to_thread(fast_weights.find_version_by_job, uri, scope_id, job_id) is not None:
         return True, None  # plan_rebuild answers "retried"
-    live = await asyncio.to_thread(registry.latest_live, uri, scope_id)
+    live = await asyncio.to_thread(fast_weights.latest_live, uri, scope_id)
     if live is None:
         return True, None  # plan_rebuild answers "nothing consolidated"
     if reader is None:  # the history is the only source here, and it has no such event
@@ -161,7 +161,7 @@ def retract(
     from streams.records import Retraction, now
 
     async def main() -> RetractionResult:
-        base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
+        base = await asyncio.to_thread(ensure_base_model, settings.tracking_uri)
         reader = await TopicReader(settings.bootstrap).start()
         try:
             result = await apply(settings, base, scope_id, event_id, reason, reader=reader)
@@ -186,7 +186,7 @@ def rebuild(
     from consolidation.publish import publish as publish_events
 
     async def main() -> FastWeightsPublished | None:
-        base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
+        base = await asyncio.to_thread(ensure_base_model, settings.tracking_uri)
         reader = await TopicReader(settings.bootstrap).start()
         try:
             published = await rebuild_async(settings, base, scope_id, reader=reader)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from consolidation import registry
+from consolidation import fast_weights
 from infra.settings import Settings
 from streams.records import FastWeightsPublished
 
@@ -22,7 +22,7 @@ async def rollback_async(
     from consolidation.publish import publish as publish_events
 
     published = await asyncio.to_thread(
-        registry.set_live, settings.tracking_uri, scope_id, str(version)
+        fast_weights.set_live, settings.tracking_uri, scope_id, str(version)
     )
     if publish:
         await publish_events(settings.bootstrap, [published])

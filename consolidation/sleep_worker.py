@@ -17,6 +17,7 @@ keep going. Bad job payloads go to ``somna.dead-letters``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from consolidation import metrics, registry
+from consolidation import blobs, metrics
+from consolidation.base_model import BASE_MODEL_NAME, BaseModel, ensure_base_model
+from consolidation.base_model_watch import POLL_SECONDS, BaseModelWatch
 from consolidation.batch import pick_device, run_batch
 from consolidation.exceptions import HistoryError
 from consolidation.planner import Plan, plan_job
@@ -55,7 +58,7 @@ class SleepWorker:
     def __init__(
         self,
         settings: Settings,
-        base: registry.BaseModel,
+        base: BaseModel,
         consumer,
         producer,
         *,
@@ -160,6 +163,7 @@ class SleepWorker:
             published, _ = await asyncio.to_thread(
                 run_batch, self.settings.tracking_uri, self.base, tasks,
                 passes=self.settings.sleep_passes, device=self.device,
+                blob_root=blobs.root(self.settings.data_dir),
             )  # fmt: skip
             fault_point("after_register")
         for p in group.plans:
@@ -220,8 +224,8 @@ async def run_async(
     from aiokafka import AIOKafkaConsumer
 
     stop = stop or asyncio.Event()
-    base = await asyncio.to_thread(registry.ensure_base_model, settings.tracking_uri)
-    log.info("sleep worker: base model %s v%s", registry.BASE_MODEL_NAME, base.version)
+    base = await asyncio.to_thread(ensure_base_model, settings.tracking_uri)
+    log.info("sleep worker: base model %s v%s", BASE_MODEL_NAME, base.version)
     consumer = AIOKafkaConsumer(
         SLEEP_JOBS, RETRACTIONS,
         bootstrap_servers=settings.bootstrap, group_id=group_id,
@@ -237,8 +241,20 @@ async def run_async(
     if started is not None:
         started.set()
     failures: dict[tuple[str, int, int], int] = {}
+
+    async def take_base(new: BaseModel) -> None:
+        worker.base = new  # between batches: a batch never mixes two base models
+
+    watch = BaseModelWatch(settings.tracking_uri, base.version, take_base)
+    next_poll = time.monotonic() + POLL_SECONDS
     try:
         while not stop.is_set():
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_SECONDS
+                try:
+                    await watch.check()
+                except Exception as e:  # noqa: BLE001 (registry away: keep the one we have)
+                    log.warning("base model watch: %s", e)
             fetched = await consumer.getmany(timeout_ms=500, max_records=256)
             records = [r for tp in sorted(fetched, key=str) for r in fetched[tp]]
             if not records:
@@ -278,10 +294,37 @@ async def _rewind(consumer) -> None:
             consumer.seek(tp, committed)
 
 
+def apply_scheduling(settings: Settings, device: str) -> str:
+    """Put this process's sleeps below everything else on the machine (``sleep_sched``).
+
+    On the CPU, sleep shares the cores with the agent, whose turns someone waits for:
+    under SCHED_IDLE (settable without privileges) the kernel only runs it on CPU time
+    that no other task wants, and one torch thread keeps it from holding both cores.
+    Applied to every thread now and inherited by those started later (torch's, the
+    to_thread pool's). Returns the policy in effect: "idle" or "normal"."""
+    mode = settings.sleep_sched
+    if mode == "auto":
+        mode = "idle" if device == "cpu" else "normal"
+    if mode != "idle" or not hasattr(os, "SCHED_IDLE"):
+        return "normal"
+    import torch
+
+    torch.set_num_threads(1)
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    log.info("sleep worker: SCHED_IDLE, 1 torch thread (sleep_sched=%s)", settings.sleep_sched)
+    return "idle"
+
+
 def run(settings: Settings) -> None:
     """`somna worker sleep`: serve metrics, consume until SIGTERM/SIGINT, stop cleanly."""
     from prometheus_client import start_http_server
 
+    from streams.log_limits import limit_client_logs
+
+    limit_client_logs()  # a broker outage: a few aiokafka lines a second, not thousands
+    apply_scheduling(settings, pick_device())
     server = start_http_server(settings.metrics_port)
     port = server[0].server_port if isinstance(server, tuple) else settings.metrics_port
     log.info("sleep worker metrics on :%s/metrics", port)

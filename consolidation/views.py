@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load, retraction_record
 from consolidation.exceptions import VersionNotFound
 from streams.records import FastWeightsPublished
 
@@ -13,9 +13,9 @@ from streams.records import FastWeightsPublished
 def scopes_summary(tracking_uri: str) -> list[dict[str, Any]]:
     """One row per scope: live version, its watermark and base model, number of versions."""
     rows = []
-    for scope in registry.list_scopes(tracking_uri):
-        versions = registry.list_versions(tracking_uri, scope)
-        live = registry.latest_live(tracking_uri, scope)
+    for scope in fast_weights.list_scopes(tracking_uri):
+        versions = fast_weights.list_versions(tracking_uri, scope)
+        live = fast_weights.latest_live(tracking_uri, scope)
         rows.append(
             {
                 "scope_id": scope,
@@ -23,7 +23,7 @@ def scopes_summary(tracking_uri: str) -> list[dict[str, Any]]:
                 "watermark": live.watermark if live else None,
                 "base_model_version": live.base_model_version if live else None,
                 "versions": len(versions),
-                "retracted": len(registry.retracted_event_ids(tracking_uri, scope)),
+                "retracted": len(retraction_record.retracted_event_ids(tracking_uri, scope)),
             }
         )
     return rows
@@ -42,10 +42,10 @@ def scope_versions(
 ) -> list[dict[str, Any]]:
     """The scope's versions (oldest first, at most ``last``) with lineage, watermark, and
     the norm of S and of its change from the previous version."""
-    versions = registry.list_versions(tracking_uri, scope_id)
+    versions = fast_weights.list_versions(tracking_uri, scope_id)
     if not versions:
         raise VersionNotFound(f"scope {scope_id!r} has no fast-weights versions")
-    live = registry.latest_live(tracking_uri, scope_id)
+    live = fast_weights.latest_live(tracking_uri, scope_id)
     shown = versions[-last:]
     rows, prev = [], None
     if norms and len(versions) > len(shown):
@@ -77,5 +77,5 @@ def scope_versions(
 
 
 def _tensors(tracking_uri: str, scope_id: str, mv) -> dict[str, Any]:
-    pub: FastWeightsPublished = registry.published(mv)
-    return registry.load_fast_weights(tracking_uri, pub, scope_id).tensors
+    pub: FastWeightsPublished = fast_weights.published(mv)
+    return fast_weights_load.load_fast_weights(tracking_uri, pub, scope_id).tensors

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -29,6 +30,7 @@ from streams.records import (
 log = logging.getLogger(__name__)
 
 LIVE_ATTEMPTS = 3
+FETCH_CONCURRENCY = 8  # artifacts verified and loaded at once (threads: hashing, reading)
 E = TypeVar("E", bound=Event)
 
 
@@ -38,14 +40,45 @@ class ScopeLoader:
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
 
-    async def fetch_weights(self, published: FastWeightsPublished) -> Any | None:
-        """Download and verify (sha256, scope) an artifact; None if it is refused."""
-        from consolidation.exceptions import ArtifactRejected
-        from consolidation.registry import load_fast_weights
+    async def fetch_many(self, published: list[FastWeightsPublished]) -> list[Any | None]:
+        """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
+        scope at once): one registry lookup for all of them instead of one each, then the
+        artifacts, ``FETCH_CONCURRENCY`` at a time."""
+        from consolidation.fast_weights_load import registered_versions
 
         try:
+            records = await asyncio.to_thread(
+                registered_versions, self.settings.tracking_uri, published
+            )
+        except Exception as e:  # noqa: BLE001 (each fetch then asks the registry itself)
+            log.warning("registry lookup of %d publishes failed: %s", len(published), e)
+            records = {}
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def one(p: FastWeightsPublished) -> Any | None:
+            async with limit:
+                return await self.fetch_weights(p, registered=records.get((p.scope_id, p.version)))
+
+        return list(await asyncio.gather(*(one(p) for p in published)))
+
+    async def fetch_weights(
+        self, published: FastWeightsPublished, *, registered: Any | None = None
+    ) -> Any | None:
+        """Verify (registry, sha256, scope) and load an artifact; None if it is refused.
+
+        The bytes come from the sleep worker's local copy when there is one (no download);
+        ``registered`` is the registry's record of the version when the caller has it.
+        """
+        from consolidation import blobs
+        from consolidation.exceptions import ArtifactRejected
+        from consolidation.fast_weights_load import load_fast_weights
+
+        load = partial(
+            load_fast_weights, blob_root=blobs.root(self.settings.data_dir), registered=registered
+        )
+        try:
             return await asyncio.to_thread(
-                load_fast_weights, self.settings.tracking_uri, published, published.scope_id
+                load, self.settings.tracking_uri, published, published.scope_id
             )
         except ArtifactRejected as e:
             log.error("refused fast weights %s v%s: %s", published.scope_id, published.version, e)
@@ -58,7 +91,7 @@ class ScopeLoader:
 
     async def is_live(self, published: FastWeightsPublished) -> bool:
         """Whether the registry's ``live`` alias of the scope is ``published`` now."""
-        from consolidation.registry import latest_live
+        from consolidation.fast_weights import latest_live
 
         try:
             live = await asyncio.to_thread(
@@ -70,7 +103,7 @@ class ScopeLoader:
         return live is not None and live.version == published.version
 
     async def _live(self, scope_id: str) -> tuple[FastWeightsPublished | None, Any | None]:
-        from consolidation.registry import latest_live
+        from consolidation.fast_weights import latest_live
 
         for attempt in range(LIVE_ATTEMPTS):
             try:
@@ -125,7 +158,7 @@ class ScopeLoader:
         return snapshots
 
     async def _retracted(self, scope_id: str) -> set[str]:
-        from consolidation.registry import retracted_event_ids
+        from consolidation.retraction_record import retracted_event_ids
 
         try:
             return await asyncio.to_thread(

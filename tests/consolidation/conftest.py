@@ -28,15 +28,15 @@ def base_model(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory):
     when there is one (registered by ``ensure_base_model``), else a tiny random model."""
     import torch
 
-    from consolidation import registry
+    from consolidation.base_model import ensure_base_model
     from consolidation.exceptions import BaseModelMissing
 
     torch.set_num_threads(1)
     try:
-        return registry.ensure_base_model(mlflow_uri)
+        return ensure_base_model(mlflow_uri)
     except BaseModelMissing:
         ckpt = tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
-        return registry.ensure_base_model(mlflow_uri, checkpoint_dir=ckpt)
+        return ensure_base_model(mlflow_uri, checkpoint_dir=ckpt)
 
 
 def scope_id(prefix: str = "cons") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load
 from consolidation.batch import run_batch
 from consolidation.planner import plan_job
 from infra.settings import Settings
@@ -48,13 +48,13 @@ def test_batched_sleep_registers_one_version_per_scope(mlflow_uri, base_model, t
     assert [p.scope_id for p in published] == [a, b]
     assert cost.tokens == sum(len(f) + 2 for f in FACTS) and cost.scopes == 2 and cost.flops > 0
     for pub in published:
-        assert registry.latest_live(mlflow_uri, pub.scope_id) == pub
-        mv = registry.get_version(mlflow_uri, pub.scope_id, pub.version)
+        assert fast_weights.latest_live(mlflow_uri, pub.scope_id) == pub
+        mv = fast_weights.get_version(mlflow_uri, pub.scope_id, pub.version)
         assert mv.tags["base_model_version"] == base_model.version
         assert mv.tags["watermark"] == str(pub.watermark) and mv.tags["parent_version"] == ""
     # Different histories, different memories; and not all zeros.
-    wa = registry.load_fast_weights(mlflow_uri, published[0], a).tensors
-    wb = registry.load_fast_weights(mlflow_uri, published[1], b).tensors
+    wa = fast_weights_load.load_fast_weights(mlflow_uri, published[0], a).tensors
+    wb = fast_weights_load.load_fast_weights(mlflow_uri, published[1], b).tensors
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     assert any(wa[k].abs().sum() > 0 for k in wa)
 
@@ -71,13 +71,16 @@ def test_retried_job_yields_the_same_version_and_next_job_chains(
     again = asyncio.run(plan_job(settings, base_model, _job(s, 10, 11), 0))
     assert again.task is None and again.done == v1 and again.outcome == "retried"
     _, (v2,), _ = _sleep(settings, base_model, [_job(s, 12, 13)])
-    mv2 = registry.get_version(mlflow_uri, s, v2.version)
+    mv2 = fast_weights.get_version(mlflow_uri, s, v2.version)
     assert mv2.tags["parent_version"] == v1.version and v2.watermark == 13
-    assert [mv.version for mv in registry.list_versions(mlflow_uri, s)] == [v1.version, v2.version]
+    assert [mv.version for mv in fast_weights.list_versions(mlflow_uri, s)] == [
+        v1.version,
+        v2.version,
+    ]
     stale = asyncio.run(
         plan_job(settings, base_model, _job(s, 10, 11).model_copy(update={"job_id": "other"}), 0)
     )
     assert stale.outcome == "stale" and stale.done == v2
     # Deterministic: the same history from the same parent gives the same bytes.
-    fw2 = registry.load_fast_weights(mlflow_uri, v2, s)
+    fw2 = fast_weights_load.load_fast_weights(mlflow_uri, v2, s)
     assert fw2.metadata["scope_id"] == s and fw2.metadata["watermark"] == "13"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from consolidation import registry
+from consolidation import fast_weights, tracking
 from infra.cli import app
 from tests.consolidation.conftest import scope_id
 
@@ -17,17 +17,17 @@ pytestmark = [pytest.mark.mlflow, pytest.mark.kafka]
 
 
 def _register(uri: str, scope: str, tmp: Path, n: int) -> list:
-    c = registry.client(uri)
-    run = c.create_run(registry.experiment_id(c, registry.SLEEP_EXPERIMENT)).info.run_id
+    c = tracking.client(uri)
+    run = c.create_run(tracking.experiment_id(c, tracking.SLEEP_EXPERIMENT)).info.run_id
     pubs, parent = [], None
     for i in range(n):
-        f = tmp / f"v{i}" / registry.FAST_WEIGHTS_FILE
-        registry.write_artifact(
+        f = tmp / f"v{i}" / fast_weights.FAST_WEIGHTS_FILE
+        fast_weights.write_artifact(
             f, {"layers.0.S": torch.full((2, 4, 4), float(i))}, {"scope_id": scope}
         )
-        lin = registry.Lineage(scope_id=scope, job_id=f"job-{i}", parent_version=parent, base_model_version="1",
+        lin = fast_weights.Lineage(scope_id=scope, job_id=f"job-{i}", parent_version=parent, base_model_version="1",
                                from_watermark=10 * i, to_watermark=10 * i + 9, passes=2, tokens=64)  # fmt: skip
-        pubs.append(registry.register_fast_weights(uri, run_id=run, local_file=f, lineage=lin))
+        pubs.append(fast_weights.register_fast_weights(uri, run_id=run, local_file=f, lineage=lin))
         parent = pubs[-1].version
     return pubs
 
@@ -57,7 +57,7 @@ def test_memory_ls_show_rollback_and_cost(
 
     out = runner.invoke(app, ["memory", "rollback", scope, v1.version], env=env)
     assert out.exit_code == 0, out.output
-    assert registry.latest_live(mlflow_uri, scope) == v1
+    assert fast_weights.latest_live(mlflow_uri, scope) == v1
 
     out = runner.invoke(app, ["memory", "rollback", scope, "99"], env=env)
     assert out.exit_code != 0  # a domain error: one line, exit 1 (through main())
@@ -103,11 +103,11 @@ def test_memory_retract_and_rebuild(
     assert (
         "bob reports to tav." not in read_history(settings.history_dir, scope)["text"].to_pylist()
     )
-    live = registry.latest_live(mlflow_uri, scope)
+    live = fast_weights.latest_live(mlflow_uri, scope)
     assert live.version != v1.version and live.watermark == v1.watermark
     out = runner.invoke(app, ["memory", "rebuild", scope], env=env)
     assert out.exit_code == 0, out.output
-    tags = registry.get_version(
-        mlflow_uri, scope, registry.latest_live(mlflow_uri, scope).version
+    tags = fast_weights.get_version(
+        mlflow_uri, scope, fast_weights.latest_live(mlflow_uri, scope).version
     ).tags
     assert tags["reason"] == "rebuild" and tags["events"] == "2"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consolidation import registry
+from consolidation import fast_weights
 from consolidation.rollback import rollback_async
 from consolidation.sleep_worker import run_async
 from infra.settings import Settings
@@ -123,7 +123,7 @@ async def test_turns_become_a_version_the_agent_replies_with(
         await _served(settings.bootstrap, replies, scope, v2.version)
         # Rollback: the agent serves the older version again.
         await rollback_async(settings, scope, v1.version)
-        assert registry.latest_live(settings.tracking_uri, scope).version == v1.version
+        assert fast_weights.latest_live(settings.tracking_uri, scope).version == v1.version
         # The agent reloads the scope: v1 plus the turns after v1's watermark, from the topic.
         await _served(settings.bootstrap, replies, scope, v1.version, tries=10)
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consolidation import registry
+from consolidation import fast_weights, tracking
 from tests.consolidation.conftest import scope_id
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,13 +31,13 @@ pytestmark = [
 
 
 def _register(uri: str, scope: str, tmp: Path):
-    c = registry.client(uri)
-    run = c.create_run(registry.experiment_id(c, registry.SLEEP_EXPERIMENT)).info.run_id
-    f = tmp / registry.FAST_WEIGHTS_FILE
-    registry.write_artifact(f, {"layers.0.S": torch.zeros(2, 4, 4)}, {"scope_id": scope})
-    lineage = registry.Lineage(scope_id=scope, job_id="job-ui-1", parent_version=None, base_model_version="7",
+    c = tracking.client(uri)
+    run = c.create_run(tracking.experiment_id(c, tracking.SLEEP_EXPERIMENT)).info.run_id
+    f = tmp / fast_weights.FAST_WEIGHTS_FILE
+    fast_weights.write_artifact(f, {"layers.0.S": torch.zeros(2, 4, 4)}, {"scope_id": scope})
+    lineage = fast_weights.Lineage(scope_id=scope, job_id="job-ui-1", parent_version=None, base_model_version="7",
                                from_watermark=100, to_watermark=163, passes=4, tokens=256)  # fmt: skip
-    return registry.register_fast_weights(uri, run_id=run, local_file=f, lineage=lineage)
+    return fast_weights.register_fast_weights(uri, run_id=run, local_file=f, lineage=lineage)
 
 
 def test_registry_page_shows_version_alias_and_lineage(mlflow_uri: str, tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_registry_page_shows_version_alias_and_lineage(mlflow_uri: str, tmp_path
 
     scope = scope_id("ui")
     pub = _register(mlflow_uri, scope, tmp_path)
-    name = registry.fast_weights_model_name(scope)
+    name = fast_weights.fast_weights_model_name(scope)
     shots = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load
 from consolidation.batch import run_batch
 from consolidation.planner import plan_job
 from consolidation.retraction import apply
@@ -66,8 +66,8 @@ def test_retracted_fact_is_no_longer_recalled(mlflow_uri, base_model, tmp_path: 
                        to_watermark=2 * c + 1, passes=settings.sleep_passes)  # fmt: skip
         plan = asyncio.run(plan_job(settings, base_model, job, 0))
         run_batch(mlflow_uri, base_model, [plan.task], passes=settings.sleep_passes, device="cpu")
-    live = registry.latest_live(mlflow_uri, scope)
-    weights = registry.load_fast_weights(mlflow_uri, live, scope).tensors
+    live = fast_weights.latest_live(mlflow_uri, scope)
+    weights = fast_weights_load.load_fast_weights(mlflow_uri, live, scope).tensors
     before = {people[0]: _answer(base_model, weights, people[0]) for people in CHAINS}
     recalled = [p for p in CHAINS if before[p[0]] == p[1] + "."]
     if len(recalled) < len(CHAINS):
@@ -78,7 +78,7 @@ def test_retracted_fact_is_no_longer_recalled(mlflow_uri, base_model, tmp_path: 
     result = asyncio.run(
         apply(settings, base_model, scope, f"{scope}-e2", "wrong")
     )  # chain 1's facts
-    after_w = registry.load_fast_weights(mlflow_uri, result.published, scope).tensors
+    after_w = fast_weights_load.load_fast_weights(mlflow_uri, result.published, scope).tensors
     after = {people[0]: _answer(base_model, after_w, people[0]) for people in CHAINS}
     assert after["sam"] != "dex."
     assert after["kim"] == "bob." and after["nal"] == "mop."

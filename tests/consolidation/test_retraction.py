@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load, retraction_record
 from consolidation.batch import SleepTask, run_batch, sleep_states
 from consolidation.planner import _chunks, plan_job
 from consolidation.retraction import UNKNOWN_EVENT, apply, rebuild_async
@@ -49,7 +49,7 @@ def _replay(settings: Settings, base, scope: str, start, lo: int, hi: int, drop:
     parent = (
         None
         if start is None
-        else registry.load_fast_weights(settings.tracking_uri, start, scope).tensors
+        else fast_weights_load.load_fast_weights(settings.tracking_uri, start, scope).tensors
     )
     task = SleepTask(
         lineage=None, chunks=_chunks(turns, settings.chunk_tokens), parent_weights=parent
@@ -58,7 +58,7 @@ def _replay(settings: Settings, base, scope: str, start, lo: int, hi: int, drop:
 
 
 def _weights(settings: Settings, pub, scope: str) -> dict[str, torch.Tensor]:
-    return registry.load_fast_weights(settings.tracking_uri, pub, scope).tensors
+    return fast_weights_load.load_fast_weights(settings.tracking_uri, pub, scope).tensors
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -88,9 +88,10 @@ def test_retraction_purges_and_rebuilds_from_the_version_before(three_versions, 
     )
     pub = result.published
     assert (
-        registry.latest_live(settings.tracking_uri, scope) == pub and pub.watermark == v3.watermark
+        fast_weights.latest_live(settings.tracking_uri, scope) == pub
+        and pub.watermark == v3.watermark
     )
-    tags = registry.get_version(settings.tracking_uri, scope, pub.version).tags
+    tags = fast_weights.get_version(settings.tracking_uri, scope, pub.version).tags
     assert tags["parent_version"] == v1.version  # v1's watermark (1) is the last before offset 3
     assert tags["reason"] == "retraction" and tags["retracted_event_id"] == event
     assert tags["replaces_version"] == v3.version
@@ -102,18 +103,18 @@ def test_retraction_purges_and_rebuilds_from_the_version_before(three_versions, 
     again = asyncio.run(apply(settings, base_model, scope, event, "wrong fact"))
     assert again.outcome == "retried" and again.published == pub
     # A later job never brings the event back (the Kafka log still has it; the tombstone rules).
-    assert registry.retracted_event_ids(settings.tracking_uri, scope) == {event}
+    assert retraction_record.retracted_event_ids(settings.tracking_uri, scope) == {event}
 
 
 def test_retracting_an_unknown_event_registers_nothing(three_versions, base_model) -> None:
     settings, scope, (_, _, v3) = three_versions
-    versions = len(registry.list_versions(settings.tracking_uri, scope))
+    versions = len(fast_weights.list_versions(settings.tracking_uri, scope))
     files = sorted(p.name for p in settings.history_dir.rglob("*.parquet"))
     result = asyncio.run(apply(settings, base_model, scope, f"{scope}-nope", "never existed"))
     assert result.outcome == UNKNOWN_EVENT and result.published is None
     assert result.purge.rows_removed == 0
-    assert len(registry.list_versions(settings.tracking_uri, scope)) == versions
-    assert registry.latest_live(settings.tracking_uri, scope) == v3
+    assert len(fast_weights.list_versions(settings.tracking_uri, scope)) == versions
+    assert fast_weights.latest_live(settings.tracking_uri, scope) == v3
     assert sorted(p.name for p in settings.history_dir.rglob("*.parquet")) == files
     assert read_history(settings.history_dir, scope).num_rows == len(FACTS)
 
@@ -121,7 +122,7 @@ def test_retracting_an_unknown_event_registers_nothing(three_versions, base_mode
 def test_rebuild_replays_the_whole_history_from_zeros(three_versions, base_model) -> None:
     settings, scope, (_, _, v3) = three_versions
     pub = asyncio.run(rebuild_async(settings, base_model, scope))
-    tags = registry.get_version(settings.tracking_uri, scope, pub.version).tags
+    tags = fast_weights.get_version(settings.tracking_uri, scope, pub.version).tags
     assert (
         tags["reason"] == "rebuild"
         and tags["parent_version"] == ""
@@ -137,11 +138,11 @@ def test_rollback_serves_the_older_version_and_the_next_job_chains_from_it(
 ) -> None:
     settings, scope, (v1, _, v3) = three_versions
     back = rollback(settings, scope, v1.version, publish=False)
-    assert back == v1 and registry.latest_live(settings.tracking_uri, scope) == v1
+    assert back == v1 and fast_weights.latest_live(settings.tracking_uri, scope) == v1
     write_rows(settings.history_dir, "somna.interactions", 0,
                history_rows(scope, ["lem likes tea."], first_offset=6))  # fmt: skip
     nxt = _consolidate(settings, base_model, scope, 6, 6)
-    tags = registry.get_version(settings.tracking_uri, scope, nxt.version).tags
+    tags = fast_weights.get_version(settings.tracking_uri, scope, nxt.version).tags
     # No gap: the events after v1's watermark are folded in again, from v1.
     assert (
         tags["parent_version"] == v1.version

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from consolidation import registry
+from consolidation import fast_weights, fast_weights_load, tracking
 from consolidation.sleep_worker import run_async
 from infra.settings import Settings
 from streams.records import SleepJob
@@ -54,10 +54,10 @@ async def test_a_chunk_of_turns_ends_in_a_new_live_version(settings: Settings, b
         await worker
         await watcher.stop()
     assert pub.watermark == job.to_watermark and pub.job_id == job.job_id
-    assert registry.latest_live(settings.tracking_uri, scope) == pub
-    (mv,) = registry.list_versions(settings.tracking_uri, scope)
+    assert fast_weights.latest_live(settings.tracking_uri, scope) == pub
+    (mv,) = fast_weights.list_versions(settings.tracking_uri, scope)
     assert mv.tags["events"] == str(len(TURNS)) and mv.tags["job_id"] == job.job_id
-    fw = registry.load_fast_weights(settings.tracking_uri, pub, scope)
+    fw = fast_weights_load.load_fast_weights(settings.tracking_uri, pub, scope)
     assert fw.metadata["watermark"] == str(job.to_watermark)
 
 
@@ -97,7 +97,7 @@ async def test_kill_9_mid_job_and_restart_yields_exactly_one_version(
     first = _spawn_worker(settings, group, scope, fault="after_register", log=tmp_path / "w1.log")
     try:
         await wait_for(
-            lambda: registry.find_version_by_job(settings.tracking_uri, scope, job.job_id),
+            lambda: fast_weights.find_version_by_job(settings.tracking_uri, scope, job.job_id),
             timeout=240,
         )
     finally:
@@ -111,9 +111,9 @@ async def test_kill_9_mid_job_and_restart_yields_exactly_one_version(
         second.send_signal(signal.SIGTERM)
         await asyncio.to_thread(second.wait, 60)
         await watcher.stop()
-    versions = registry.list_versions(settings.tracking_uri, scope)
+    versions = fast_weights.list_versions(settings.tracking_uri, scope)
     assert len(versions) == 1 and pub.version == versions[0].version
-    assert registry.latest_live(settings.tracking_uri, scope) == pub
+    assert fast_weights.latest_live(settings.tracking_uri, scope) == pub
 
 
 async def _run_worker_until(settings: Settings, scopes: set[str], action):
@@ -147,9 +147,11 @@ async def test_jobs_of_several_scopes_share_one_batched_sleep(
         return [await watcher.wait(s) for s in scopes]
 
     pubs = await _run_worker_until(settings, set(scopes), wait_all)
-    versions = [registry.get_version(settings.tracking_uri, p.scope_id, p.version) for p in pubs]
+    versions = [
+        fast_weights.get_version(settings.tracking_uri, p.scope_id, p.version) for p in pubs
+    ]
     assert len({mv.run_id for mv in versions}) == 1  # one batch, one MLflow run
-    run = registry.client(settings.tracking_uri).get_run(versions[0].run_id)
+    run = tracking.client(settings.tracking_uri).get_run(versions[0].run_id)
     assert run.data.metrics["scopes"] == 3
     assert run.data.metrics["tokens"] == sum(int(mv.tags["tokens"]) for mv in versions)
     assert {"wall_seconds", "compute_seconds", "gpu_seconds", "flops"} <= set(run.data.metrics)
@@ -180,8 +182,8 @@ async def test_a_retraction_on_the_topic_rebuilds_without_the_event(
         return v1, await watcher.wait(scope)
 
     v1, v2 = await _run_worker_until(settings, {scope}, retract)
-    tags = registry.get_version(settings.tracking_uri, scope, v2.version).tags
+    tags = fast_weights.get_version(settings.tracking_uri, scope, v2.version).tags
     # Not in Parquet yet (no history worker here): read from the topic, the event left out.
     assert tags["reason"] == "retraction" and tags["retracted_event_id"] == sent[1][2]
     assert tags["events"] == str(len(TURNS) - 1) and v2.watermark == v1.watermark
-    assert registry.latest_live(settings.tracking_uri, scope) == v2
+    assert fast_weights.latest_live(settings.tracking_uri, scope) == v2
