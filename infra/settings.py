@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     agent_max_scopes: int = Field(default=1024, ge=1)
     # Consumer group of `somna worker stream` (None: derived from its roles).
     stream_group: str | None = None
+    # CPU scheduling of the sleep worker. "idle": SCHED_IDLE and one torch thread, so that
+    # it only gets CPU time nothing else wants and sleeping beside an agent does not slow
+    # its turns; "normal": as started; "auto": "idle" when sleep runs on the CPU.
+    sleep_sched: Literal["auto", "idle", "normal"] = "auto"
 
     @field_validator("kafka_bootstrap", "mlflow_uri")
     @classmethod

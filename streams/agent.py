@@ -63,14 +63,16 @@ def install(
     weights_dlq = dlq.claim(topics.fast_weights.get_topic_name())
     retractions_dlq = dlq.claim(topics.retractions.get_topic_name())
 
+    consumed = metrics.EVENTS.labels(role="agent", topic=topics.interactions.get_topic_name())
+
     @app.agent(topics.interactions, name="somna-agent-interactions")
     async def answer(stream: faust.StreamT) -> None:
         async for events in stream.take_events(MAX_BATCH, within=BATCH_WINDOW):
             turns: list[Turn] = []
+            consumed.inc(len(events))  # once a batch: a labelled inc costs ~2 us an event
             for ev in events:
                 msg = ev.message
                 event = await turns_dlq.decode_event(ev, Interaction)
-                metrics.EVENTS.labels(role="agent", topic=msg.topic).inc()
                 if event is None:
                     continue
                 turn = Turn(event, msg.partition, msg.offset, msg.timestamp)
@@ -88,11 +90,12 @@ def install(
             for reply in replies:
                 # Straight to the producer (Faust's topic.send adds per-message bookkeeping
                 # we do not use); Faust flushes it before committing the offsets.
+                # The send only enqueues: no reply waits for another's delivery.
                 await app.producer.send(
                     REPLIES, reply.scope_id.encode(), reply.to_bytes(), None, None, None
                 )
-                metrics.REPLIES.inc()
                 metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
+            metrics.REPLIES.inc(len(replies))
 
     async def _load_missing(turns: list[Turn]) -> None:
         # The first offset of each scope in this batch: memory is rebuilt up to just before.
@@ -113,27 +116,97 @@ def install(
 
     @app.agent(topics.fast_weights, name="somna-agent-fast-weights")
     async def swap(stream: faust.StreamT) -> None:
-        async for ev in stream.events():
-            published = await weights_dlq.decode_event(ev, FastWeightsPublished)
-            if published is None or not engine.uses_fast_weights:
+        # A sleep batch publishes one version per scope at once. Taken one at a time, the
+        # last scope of a burst of 100 waited for 99 registry round trips, downloads and
+        # engine calls. Now a burst is verified with one registry lookup (its bytes read
+        # from the sleep worker's local copy), each swap goes to the engine thread as soon
+        # as its weights are ready, and the next burst does not wait for this one. A
+        # scope's publishes still swap in order (a rollback must land after the version it
+        # undoes). Offsets are acked before the swaps end: a crash loses the memory anyway,
+        # and a restarted worker loads each scope's live version from the registry.
+        import time
+        from collections.abc import Coroutine
+
+        chains: dict[str, asyncio.Task] = {}  # scope -> its last swap not yet done
+        running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+        room = asyncio.Semaphore(1024)  # swaps in flight: back pressure on the topic
+        # Swaps queued on the engine thread at once: an answer batch waits behind a few
+        # swaps at most, not behind a whole burst (no added online latency).
+        engine_turns = asyncio.Semaphore(4)
+
+        def start(coro: Coroutine[object, object, None]) -> asyncio.Task:
+            task = asyncio.create_task(coro)
+            running.add(task)
+            task.add_done_callback(running.discard)
+            return task
+
+        async def fetch(items: list[tuple[FastWeightsPublished, asyncio.Future]]) -> None:
+            try:
+                found = await loader.fetch_many([p for p, _ in items])
+            except Exception:  # noqa: BLE001 (fetch_many logs and refuses, this is a bug)
+                log.exception("fetching %d fast weights", len(items))
+                found = [None] * len(items)
+            for (_, ready), weights in zip(items, found, strict=True):
+                ready.set_result(weights)
+
+        async def apply(
+            published: FastWeightsPublished,
+            produced_at: float | None,
+            taken: float,
+            ready: asyncio.Future,
+            after: asyncio.Task | None,
+        ) -> None:
+            try:
+                weights = await ready
+                fetched = time.time()
+                if after is not None:
+                    await after
+                if weights is None:
+                    metrics.SWAPS.labels(outcome="rejected").inc()
+                    return  # the previous version keeps serving
+                async with engine_turns:
+                    outcome = await thread.call(engine.swap, published, weights)
+                swapped = time.time()
+                if outcome == "older":
+                    outcome = await _older(published)
+                metrics.SWAPS.labels(outcome=outcome).inc()
+                log.info(
+                    "fast weights %s v%s @%d: %s (taken %.0f ms after publish, fetch %.0f ms, "
+                    "engine %.0f ms)",
+                    published.scope_id, published.version, published.watermark, outcome,
+                    (taken - produced_at) * 1000 if produced_at else -1,
+                    (fetched - taken) * 1000, (swapped - fetched) * 1000,
+                )  # fmt: skip
+            except Exception:  # noqa: BLE001 (one scope's failure must not stop the others)
+                metrics.SWAPS.labels(outcome="error").inc()
+                log.exception("swap of %s v%s", published.scope_id, published.version)
+            finally:
+                room.release()
+
+        def forget(scope: str, task: asyncio.Task) -> None:
+            if chains.get(scope) is task:
+                del chains[scope]
+
+        async for events in stream.take_events(256, within=0.005):
+            taken = time.time()
+            burst: list[tuple[FastWeightsPublished, float | None, asyncio.Future]] = []
+            for ev in events:
+                published = await weights_dlq.decode_event(ev, FastWeightsPublished)
+                if published is None or not engine.uses_fast_weights:
+                    continue
+                if not engine.loaded(published.scope_id):
+                    continue  # a scope not in memory loads its live weights when it next speaks
+                ready = asyncio.get_running_loop().create_future()
+                burst.append((published, ev.message.timestamp, ready))
+            if not burst:
                 continue
-            if not engine.loaded(published.scope_id):
-                continue  # a scope not in memory loads its live weights when it next speaks
-            weights = await loader.fetch_weights(published)
-            if weights is None:
-                metrics.SWAPS.labels(outcome="rejected").inc()
-                continue  # the previous version keeps serving
-            outcome = await thread.call(engine.swap, published, weights)
-            if outcome == "older":
-                outcome = await _older(published)
-            metrics.SWAPS.labels(outcome=outcome).inc()
-            log.info(
-                "fast weights %s v%s @%d: %s",
-                published.scope_id,
-                published.version,
-                published.watermark,
-                outcome,
-            )
+            start(fetch([(published, ready) for published, _, ready in burst]))
+            for published, produced_at, ready in burst:
+                await room.acquire()
+                scope = published.scope_id
+                task = start(apply(published, produced_at, taken, ready, chains.get(scope)))
+                chains[scope] = task
+                task.add_done_callback(lambda t, s=scope: forget(s, t))
 
     async def _older(published: FastWeightsPublished) -> str:
         # A publish behind what we serve is a late one, unless the registry says it is live
@@ -161,3 +234,26 @@ def install(
     @app.timer(interval=5.0)
     async def report_live_scopes() -> None:
         metrics.LIVE_SCOPES.set(engine.live_scopes())
+
+    if engine.uses_fast_weights:
+        _watch_base_model(app, settings, engine, thread)
+
+
+def _watch_base_model(
+    app: faust.App, settings: Settings, engine: Engine, thread: EngineThread
+) -> None:
+    """Serve a new ``production`` base model without a restart (polls the registry)."""
+    from consolidation.base_model_watch import POLL_SECONDS, BaseModelWatch
+
+    async def serve(base) -> None:
+        dropped = await thread.call(engine.set_base_model, base.lm, base.version)
+        log.info("base model v%s: dropped %d scopes' memory, they reload", base.version, dropped)
+
+    watch = BaseModelWatch(settings.tracking_uri, engine.base_model_version, serve)
+
+    @app.timer(interval=POLL_SECONDS)
+    async def watch_base_model() -> None:
+        try:
+            await watch.check()
+        except Exception as e:  # noqa: BLE001 (registry away: keep serving, poll again)
+            log.warning("base model watch: %s", e)

@@ -46,7 +46,7 @@ class Turn:
 class ScopeSnapshot:
     """What a scope's memory is rebuilt from: live fast weights + the events after them."""
 
-    weights: Any | None  # consolidation.registry.FastWeights, or None: start from the base
+    weights: Any | None  # consolidation.fast_weights.FastWeights, or None: start from the base
     published: FastWeightsPublished | None
     events: list[tuple[int, Interaction]] = field(default_factory=list)  # (offset, event)
     partition: int = -1  # the scope's partition of somna.interactions
@@ -77,6 +77,11 @@ class Engine(Protocol):
 
     def keep_partitions(self, partitions: set[int]) -> int:
         """Forget the scopes of other partitions (after a rebalance); returns how many."""
+        ...
+
+    def set_base_model(self, lm: Any, version: str) -> int:
+        """Serve another base model (``production`` moved); returns how many scopes were
+        dropped (their memory belonged to the old one)."""
         ...
 
     def live_scopes(self) -> int: ...
@@ -121,6 +126,9 @@ class NullEngine:
         pass
 
     def keep_partitions(self, partitions: set[int]) -> int:
+        return 0
+
+    def set_base_model(self, lm: Any, version: str) -> int:
         return 0
 
     def live_scopes(self) -> int:

@@ -140,6 +140,17 @@ class ModelEngine:
             self._reload.discard(scope)
         return len(gone)
 
+    def set_base_model(self, lm: Any, version: str) -> int:
+        """Serve ``lm`` from now on. Fast weights and KV are states of one base model, so
+        every scope is dropped; each reloads when it next speaks, and ``_acceptable``
+        then refuses live fast weights of the old base (until `somna memory rebuild`)."""
+        dropped = len(self._scopes)
+        self.lm = lm.eval()
+        self.base_model_version = version
+        self._scopes.clear()
+        self._reload.clear()
+        return dropped
+
     # ---- turns --------------------------------------------------------------------------
     def answer(self, turns: list[Turn]) -> list[Reply]:
         from model.tokenizer import render_turn

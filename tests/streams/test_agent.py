@@ -12,8 +12,9 @@ import asyncio
 import pytest
 import torch
 
-from consolidation import registry
+from consolidation.base_model import base_model_version, ensure_base_model, register_base_model
 from consolidation.batch import SleepTask, run_batch
+from consolidation.fast_weights import Lineage
 from infra.topics import FAST_WEIGHTS, REPLIES
 from model import HybridConfig, HybridLM
 from model.tokenizer import render_turn
@@ -31,15 +32,15 @@ TINY = HybridConfig(
 @pytest.fixture
 def base_model(mlflow_uri, tmp_path):
     """The registry's production model; a tiny random one is registered if there is none."""
-    if registry.base_model_version(mlflow_uri) is None:
+    if base_model_version(mlflow_uri) is None:
         torch.manual_seed(0)
         HybridLM(TINY).save(tmp_path / "tiny")
-        registry.register_base_model(mlflow_uri, tmp_path / "tiny")
-    return registry.ensure_base_model(mlflow_uri)
+        register_base_model(mlflow_uri, tmp_path / "tiny")
+    return ensure_base_model(mlflow_uri)
 
 
 def _sleep(mlflow_uri, base, scope, texts, to_watermark, job):
-    lin = registry.Lineage(
+    lin = Lineage(
         scope_id=scope,
         job_id=job,
         parent_version=None,

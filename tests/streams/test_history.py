@@ -94,7 +94,7 @@ def test_a_replay_never_writes_a_retracted_event_back(tmp_path, mlflow_uri):
     """Retract two events (one flushed, one not yet at purge time), then replay the offsets
     as a restarted worker would: the retracted text is in no file, the rest once."""
     from consolidation.purge import purge_event
-    from consolidation.registry import record_retraction, retracted_event_ids
+    from consolidation.retraction_record import record_retraction, retracted_event_ids
 
     scope = f"hist-{uuid.uuid4().hex[:10]}"
 

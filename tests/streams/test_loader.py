@@ -45,7 +45,7 @@ async def test_loader_reads_back_the_scope_events_without_retracted_ones(kafka_b
 async def test_loader_skips_an_event_the_registry_retracted_before_it_is_announced(
     kafka_bootstrap, mlflow_uri, tmp_path
 ):
-    from consolidation.registry import record_retraction
+    from consolidation.retraction_record import record_retraction
 
     scope = unique("scope")
     mine = [turn(scope, f"fact {i}.", role="system") for i in range(3)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consolidation.registry import FastWeights
+from consolidation.fast_weights import FastWeights
 from model import HybridConfig, HybridLM
 from model.tokenizer import render_turn
 from streams.engine import ScopeSnapshot, Turn
@@ -147,3 +147,16 @@ def test_a_stale_user_turn_is_remembered_but_not_answered(lm):
     old = Turn(_turn(0, role="user").event, 0, 0, produced_at=1.0)  # 1970: nobody waits
     assert engine.answer([old]) == []
     assert [e.offset for e in engine.memory("u1").state.pending_events] == [0]
+
+
+def test_a_new_base_model_drops_every_scope_and_refuses_the_old_fast_weights(lm):
+    engine = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
+    engine.answer([_turn(0), _turn(1, scope="b")])
+    published, weights = _weights(lm, engine, upto=0)  # consolidated under base "7"
+    torch.manual_seed(1)
+    assert engine.set_base_model(HybridLM(CFG), "8") == 2
+    assert not engine.loaded("u1") and not engine.loaded("b")
+    engine.install("u1", ScopeSnapshot(weights, published, [(1, _turn(1).event)], 0))
+    assert engine.memory("u1").fast_weights_version is None  # base 7's S is not served on 8
+    [reply] = engine.answer([_turn(2, role="user")])
+    assert reply.base_model_version == "8"
