@@ -198,7 +198,7 @@ async def _measure(
 
 
 _SWAP_LINE = re.compile(
-    r"^(\S+ \S+),(\d{3}) INFO streams\.agent: fast weights (\S+) v(\S+) @\S+: swapped"
+    r"^(\S+ \S+),(\d{3}) INFO streams\.swaps: fast weights (\S+) v(\S+) @\S+: swapped"
     r"(?: \(taken (-?[\d.]+) ms after publish, fetch ([\d.]+) ms, engine ([\d.]+) ms\))?"
 )
 PARTS = ("taken", "fetch", "engine")  # the agent's own split of a swap, logged per swap

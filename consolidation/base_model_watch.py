@@ -3,8 +3,9 @@
 A worker loads the base model once, at start. When an operator moves ``production`` (a
 new checkpoint, or back to an older one), :class:`BaseModelWatch` sees it on its next poll
 (one registry call per interval), downloads and loads the new version off the event loop,
-and hands it to the worker's callback. Not wired into a worker yet: each worker decides
-what a new base model means for the memory it holds (see the note in the class).
+and hands it to the worker's callback. Each worker decides what a new base model means
+for what it holds: the stream agent (``streams/agent.py``) swaps the model in on its
+engine thread and drops every scope's memory; the sleep worker takes it between batches.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ class BaseModelWatch:
     model when it points at a version other than the one served.
 
     Fast weights are states of one base model: after a change a worker must not mix them.
-    The stream worker would swap the model in on its engine thread and drop the scopes it
-    holds (they reload, from fast weights consolidated with the new version once `somna
-    memory rebuild` has run, or from their events); the sleep worker would take the new
-    model for its next batch, whose versions then carry the new ``base_model_version``.
+    Dropped scopes reload from fast weights consolidated with the new version once `somna
+    memory rebuild` has run, or else from their unconsolidated events only.
     """
 
     def __init__(

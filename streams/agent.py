@@ -31,6 +31,7 @@ from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, Turn
 from streams.loader import ScopeLoader
 from streams.records import FastWeightsPublished, Interaction, Retraction
+from streams.swaps import Swapper
 
 log = logging.getLogger(__name__)
 
@@ -114,108 +115,22 @@ def install(
             for scope, snapshot in snapshots.items():
                 await thread.call(engine.install, scope, snapshot)
 
+    swapper = Swapper(engine, thread, loader)
+
     @app.agent(topics.fast_weights, name="somna-agent-fast-weights")
     async def swap(stream: faust.StreamT) -> None:
-        # A sleep batch publishes one version per scope at once. Taken one at a time, the
-        # last scope of a burst of 100 waited for 99 registry round trips, downloads and
-        # engine calls. Now a burst is verified with one registry lookup (its bytes read
-        # from the sleep worker's local copy), each swap goes to the engine thread as soon
-        # as its weights are ready, and the next burst does not wait for this one. A
-        # scope's publishes still swap in order (a rollback must land after the version it
-        # undoes). Offsets are acked before the swaps end: a crash loses the memory anyway,
-        # and a restarted worker loads each scope's live version from the registry.
-        import time
-        from collections.abc import Coroutine
-
-        chains: dict[str, asyncio.Task] = {}  # scope -> its last swap not yet done
-        running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-        room = asyncio.Semaphore(1024)  # swaps in flight: back pressure on the topic
-        # Swaps queued on the engine thread at once: an answer batch waits behind a few
-        # swaps at most, not behind a whole burst (no added online latency).
-        engine_turns = asyncio.Semaphore(4)
-
-        def start(coro: Coroutine[object, object, None]) -> asyncio.Task:
-            task = asyncio.create_task(coro)
-            running.add(task)
-            task.add_done_callback(running.discard)
-            return task
-
-        async def fetch(items: list[tuple[FastWeightsPublished, asyncio.Future]]) -> None:
-            try:
-                found = await loader.fetch_many([p for p, _ in items])
-            except Exception:  # noqa: BLE001 (fetch_many logs and refuses, this is a bug)
-                log.exception("fetching %d fast weights", len(items))
-                found = [None] * len(items)
-            for (_, ready), weights in zip(items, found, strict=True):
-                ready.set_result(weights)
-
-        async def apply(
-            published: FastWeightsPublished,
-            produced_at: float | None,
-            taken: float,
-            ready: asyncio.Future,
-            after: asyncio.Task | None,
-        ) -> None:
-            try:
-                weights = await ready
-                fetched = time.time()
-                if after is not None:
-                    await after
-                if weights is None:
-                    metrics.SWAPS.labels(outcome="rejected").inc()
-                    return  # the previous version keeps serving
-                async with engine_turns:
-                    outcome = await thread.call(engine.swap, published, weights)
-                swapped = time.time()
-                if outcome == "older":
-                    outcome = await _older(published)
-                metrics.SWAPS.labels(outcome=outcome).inc()
-                log.info(
-                    "fast weights %s v%s @%d: %s (taken %.0f ms after publish, fetch %.0f ms, "
-                    "engine %.0f ms)",
-                    published.scope_id, published.version, published.watermark, outcome,
-                    (taken - produced_at) * 1000 if produced_at else -1,
-                    (fetched - taken) * 1000, (swapped - fetched) * 1000,
-                )  # fmt: skip
-            except Exception:  # noqa: BLE001 (one scope's failure must not stop the others)
-                metrics.SWAPS.labels(outcome="error").inc()
-                log.exception("swap of %s v%s", published.scope_id, published.version)
-            finally:
-                room.release()
-
-        def forget(scope: str, task: asyncio.Task) -> None:
-            if chains.get(scope) is task:
-                del chains[scope]
-
         async for events in stream.take_events(256, within=0.005):
-            taken = time.time()
-            burst: list[tuple[FastWeightsPublished, float | None, asyncio.Future]] = []
+            burst: list[tuple[FastWeightsPublished, float | None]] = []
             for ev in events:
                 published = await weights_dlq.decode_event(ev, FastWeightsPublished)
-                if published is None or not engine.uses_fast_weights:
-                    continue
-                if not engine.loaded(published.scope_id):
-                    continue  # a scope not in memory loads its live weights when it next speaks
-                ready = asyncio.get_running_loop().create_future()
-                burst.append((published, ev.message.timestamp, ready))
-            if not burst:
-                continue
-            start(fetch([(published, ready) for published, _, ready in burst]))
-            for published, produced_at, ready in burst:
-                await room.acquire()
-                scope = published.scope_id
-                task = start(apply(published, produced_at, taken, ready, chains.get(scope)))
-                chains[scope] = task
-                task.add_done_callback(lambda t, s=scope: forget(s, t))
-
-    async def _older(published: FastWeightsPublished) -> str:
-        # A publish behind what we serve is a late one, unless the registry says it is live
-        # now: a rollback. Its events after the watermark left the KV at the newer swap, so
-        # the scope reloads (the version + those events from the topic: no gap).
-        if not await loader.is_live(published):
-            return "stale"
-        await thread.call(engine.reload, published.scope_id)
-        return "rollback"
+                # A scope not in memory loads its live weights when it next speaks.
+                if (
+                    published is not None
+                    and engine.uses_fast_weights
+                    and engine.loaded(published.scope_id)
+                ):
+                    burst.append((published, ev.message.timestamp))
+            await swapper.submit(burst)
 
     @app.agent(topics.retractions, name="somna-agent-retractions")
     async def retract(stream: faust.StreamT) -> None:

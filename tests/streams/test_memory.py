@@ -77,7 +77,7 @@ def test_swap_drops_only_what_the_weights_cover_and_stale_ones_are_refused(lm):
     assert mem.fast_weights_version == "1" and mem.state.watermark == 2
     assert engine.swap(published, weights) == "stale"  # the same version again
     older = published.model_copy(update={"version": "0", "watermark": 1})
-    # A late publish, or a rollback: the agent asks the registry which (streams/agent.py).
+    # A late publish, or a rollback: the agent asks the registry which (streams/swaps.py).
     assert engine.swap(older, weights) == "older"
     other = FastWeights(**{**weights.__dict__, "base_model_version": "8"})
     assert (

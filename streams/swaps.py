@@ -1,0 +1,133 @@
+"""Hot-swapping published fast weights into the agent's engine (the fast-weights agent).
+
+A sleep batch publishes one version per scope at once. Taken one at a time, the last scope
+of a burst of 100 waited for 99 registry round trips, downloads and engine calls. So a
+burst is verified with one registry lookup (its bytes read from the sleep worker's local
+copy, ``consolidation/blobs.py``), each swap goes to the engine thread as soon as its
+weights are ready, and the next burst does not wait for this one. A scope's publishes
+still swap in order: a rollback must land after the version it undoes.
+
+The agent acks a burst's offsets once it is handed over, before the swaps end: a crash
+loses the in-memory states anyway, and a restarted worker loads each scope's live version
+from the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from streams import metrics
+from streams.engine import Engine
+from streams.loader import ScopeLoader
+from streams.records import FastWeightsPublished
+
+if TYPE_CHECKING:
+    from streams.agent import EngineThread
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 1024  # swaps not yet done: back pressure on the topic
+# Swaps queued on the engine thread at once: an answer batch waits behind a few swaps at
+# most, not behind a whole burst (no added online latency).
+ENGINE_SLOTS = 4
+
+
+class Swapper:
+    """Applies bursts of :class:`FastWeightsPublished` to ``engine`` on its thread."""
+
+    def __init__(self, engine: Engine, thread: EngineThread, loader: ScopeLoader) -> None:
+        self.engine = engine
+        self.thread = thread
+        self.loader = loader
+        self._chains: dict[str, asyncio.Task] = {}  # scope -> its last swap not yet done
+        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
+        self._room = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._engine_slots = asyncio.Semaphore(ENGINE_SLOTS)
+
+    async def submit(self, burst: list[tuple[FastWeightsPublished, float | None]]) -> None:
+        """Start the swaps of ``burst`` ((published, record timestamp) pairs); returns once
+        they are queued (waits only while ``MAX_IN_FLIGHT`` swaps are pending)."""
+        if not burst:
+            return
+        taken = time.time()
+        loop = asyncio.get_running_loop()
+        ready = [loop.create_future() for _ in burst]
+        self._start(self._fetch([p for p, _ in burst], ready))
+        for (published, produced_at), weights in zip(burst, ready, strict=True):
+            await self._room.acquire()
+            scope = published.scope_id
+            task = self._start(
+                self._apply(published, produced_at, taken, weights, self._chains.get(scope))
+            )
+            self._chains[scope] = task
+            task.add_done_callback(lambda t, s=scope: self._forget(s, t))
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    def _forget(self, scope: str, task: asyncio.Task) -> None:
+        if self._chains.get(scope) is task:
+            del self._chains[scope]
+
+    async def _fetch(
+        self, published: list[FastWeightsPublished], ready: list[asyncio.Future]
+    ) -> None:
+        try:
+            found = await self.loader.fetch_many(published)
+        except Exception:  # noqa: BLE001 (fetch_many logs and refuses; this is a bug)
+            log.exception("fetching %d fast weights", len(published))
+            found = [None] * len(published)
+        for future, weights in zip(ready, found, strict=True):
+            future.set_result(weights)
+
+    async def _apply(
+        self,
+        published: FastWeightsPublished,
+        produced_at: float | None,
+        taken: float,
+        ready: asyncio.Future,
+        after: asyncio.Task | None,
+    ) -> None:
+        try:
+            weights = await ready
+            fetched = time.time()
+            if after is not None:
+                await after
+            if weights is None:
+                metrics.SWAPS.labels(outcome="rejected").inc()
+                return  # the previous version keeps serving
+            async with self._engine_slots:
+                outcome = await self.thread.call(self.engine.swap, published, weights)
+            swapped = time.time()
+            if outcome == "older":
+                outcome = await self._older(published)
+            metrics.SWAPS.labels(outcome=outcome).inc()
+            # benchmarks/swap.py reads this split from the worker's log.
+            log.info(
+                "fast weights %s v%s @%d: %s (taken %.0f ms after publish, fetch %.0f ms, "
+                "engine %.0f ms)",
+                published.scope_id, published.version, published.watermark, outcome,
+                (taken - produced_at) * 1000 if produced_at else -1,
+                (fetched - taken) * 1000, (swapped - fetched) * 1000,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 (one scope's failure must not stop the others)
+            metrics.SWAPS.labels(outcome="error").inc()
+            log.exception("swap of %s v%s", published.scope_id, published.version)
+        finally:
+            self._room.release()
+
+    async def _older(self, published: FastWeightsPublished) -> str:
+        # A publish behind what we serve is a late one, unless the registry says it is live
+        # now: a rollback. Its events after the watermark left the KV at the newer swap, so
+        # the scope reloads (the version + those events from the topic: no gap).
+        if not await self.loader.is_live(published):
+            return "stale"
+        await self.thread.call(self.engine.reload, published.scope_id)
+        return "rollback"
