@@ -21,7 +21,14 @@ ALL_TOPICS = (*CO_PARTITIONED, DEAD_LETTERS)
 # - fast-weights: compacted, since only the latest version per scope (the key) matters
 #   to an agent that (re)joins; older versions stay in MLflow for rollback.
 # - dead-letters: kept longer (30 days) so that someone can look at them.
+# - interactions: records up to 16 MiB (the broker's default is 1 MiB). A text over the
+#   worker's limit (SOMNA_MAX_TEXT_BYTES) must reach the worker to be dead-lettered with
+#   its reason (invariant 6); refused at the producer, the user would learn nothing more
+#   than "too large". Consumers still fetch it: Kafka returns a first record larger than
+#   the fetch size whole.
+MAX_INTERACTION_BYTES = 16 * 1024 * 1024
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    INTERACTIONS: {"max.message.bytes": str(MAX_INTERACTION_BYTES)},
     FAST_WEIGHTS: {"cleanup.policy": "compact"},
     DEAD_LETTERS: {"retention.ms": str(30 * 24 * 3600 * 1000)},
 }

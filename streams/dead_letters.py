@@ -6,6 +6,11 @@ not its scope, is wrapped in a :class:`DeadLetter` (reason, source topic, partit
 offset, payload as base64) and produced to ``somna.dead-letters``; the worker logs it,
 counts it and goes on with the next message. Nothing else is suppressed: a bug in our
 own code still crashes the worker, as it should.
+
+A dead letter carries at most ``MAX_PAYLOAD_BYTES`` of the payload (the reason says when
+it was cut): somna.interactions takes records of up to 16 MiB so that an oversize text
+reaches us and is refused here with its reason, but a dead letter of that size would be
+refused by the producer in turn, and then the whole batch would fail with it.
 """
 
 from __future__ import annotations
@@ -26,19 +31,32 @@ log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
 
+# Enough of a bad payload to see what it was; far below the producer's 1 MB request limit.
+MAX_PAYLOAD_BYTES = 64 * 1024
+
 # Produces (key, value) to the dead-letters topic; the worker passes a Faust or aiokafka send.
 SendFn = Callable[[bytes | None, bytes], Awaitable[object]]
 
 
 def dead_letter_for(
-    raw: bytes | None, *, reason: str, topic: str, partition: int, offset: int
+    raw: bytes | None,
+    *,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> DeadLetter:
+    raw = raw or b""
+    if len(raw) > max_payload_bytes:
+        reason = f"{reason} (payload cut to its first {max_payload_bytes} of {len(raw)} bytes)"
+        raw = raw[:max_payload_bytes]
     return DeadLetter(
         source_topic=topic,
         partition=partition,
         offset=offset,
         error=reason,
-        payload=base64.b64encode(raw or b"").decode("ascii"),
+        payload=base64.b64encode(raw).decode("ascii"),
         ts=now(),
     )
 
@@ -113,4 +131,4 @@ class DeadLetterPolicy:
         metrics.DEAD_LETTERS.labels(source_topic=topic).inc()
 
 
-__all__ = ["DEAD_LETTERS", "DeadLetterPolicy", "dead_letter_for"]
+__all__ = ["DEAD_LETTERS", "MAX_PAYLOAD_BYTES", "DeadLetterPolicy", "dead_letter_for"]

@@ -113,7 +113,10 @@ async def report_consumer_lag(app: faust.App) -> None:
 def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     """Block running ``roles`` until SIGTERM/SIGINT; serves Prometheus metrics meanwhile."""
     from infra.topics import provision
+    from streams.log_limits import limit_client_logs
 
+    # A broker outage makes aiokafka log thousands of lines a second: a few are enough.
+    limit_client_logs()
     # An unreachable tracking server must not hold a rebalance for minutes of retries:
     # a fetch that fails is a refused swap (the previous weights keep serving).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -18,7 +18,7 @@ from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES, SLEEP_JOBS
 from streams.records import FastWeightsPublished
 
 from .checker import Outcome, check, complete, registry_audit  # noqa: F401 (Outcome: re-exported)
-from .harness import Cluster
+from .harness import Cluster, Part
 from .load import LoadReport, Sent, UserLoad, forged, poison_records, send_forged, send_records
 
 
@@ -296,12 +296,29 @@ def broker_outage(cluster: Cluster, size: Size = QUICK, down_s: float = 10.0) ->
     scopes, load = _load(cluster, "broker", size)
     load.start()
     wait_for(lambda: load.acked >= size.events // 3, 120)
+    since = {p.name: p.log_size() for p in cluster.workers}
     cluster.kafka.stop()
     time.sleep(down_s)
     cluster.kafka.start()
     fault_end = time.time()
+    # What the Kafka client logged while the broker was away (it is rate-limited).
+    out.details["client_log_lines"] = {
+        p.name: _client_lines(p, since[p.name]) for p in cluster.workers
+    }
+    out.details["client_log_lines_per_s"] = round(
+        max(out.details["client_log_lines"].values()) / down_s, 1
+    )
     report = load.join()
     return finish(cluster, out, report, scopes, size, fault_end=fault_end, crashes_before=before)
+
+
+def _client_lines(part: Part, since: int) -> int:
+    """Log lines of the aiokafka loggers in ``part``'s log from byte ``since`` on."""
+    import re
+
+    with open(part.log, "rb") as f:
+        f.seek(since)
+        return len(re.findall(rb"^\S+ \S+ [A-Z]+ aiokafka[.:]", f.read(), flags=re.M))
 
 
 def mlflow_kill(cluster: Cluster, size: Size = QUICK, down_s: float = 3.0) -> Outcome:
@@ -358,7 +375,8 @@ def poison(cluster: Cluster, size: Size = QUICK, rounds: int = 3) -> Outcome:
     period = size.events / size.rate / (rounds + 1)
     for i in range(rounds):
         time.sleep(period)
-        # The 10 MB text once: the broker's message.max.bytes is expected to refuse it.
+        # The 10 MB text once: somna.interactions takes it (16 MiB records), the worker
+        # dead-letters it (over SOMNA_MAX_TEXT_BYTES) and goes on.
         recs = [r for r in poison_records(scopes[0]) if i == 0 or r[0] != "huge_text"]
         got = asyncio.run(send_records(cluster.bootstrap, recs))
         bad.sent += got.sent
@@ -392,10 +410,38 @@ def poison(cluster: Cluster, size: Size = QUICK, rounds: int = 3) -> Outcome:
         if s.topic == INTERACTIONS and (s.topic, s.partition, s.offset) not in letters
     )
     out.details["path_scope_leaked"] = _path_scope_leaked(cluster)
+    out.details.update(_after_huge_text(cluster, bad.sent, report.turns))
     # Retractions of events that never existed: a rebuild (a new version) for nothing.
     audit = registry_audit(cluster.mlflow_uri, {scopes[0]})
     out.details["versions_from_bogus_retractions"] = audit["versions_from_retractions"]
     return out
+
+
+def _after_huge_text(cluster: Cluster, bad: list[Sent], turns: list[Sent]) -> dict:
+    """The size of the 10 MB text's dead letter, and whether the turns after it got replies."""
+    import json
+
+    from infra.topics import DEAD_LETTERS
+
+    assert cluster.tail is not None
+    huge = [s for s in bad if s.kind == "huge_text"]
+    if not huge:
+        return {"huge_text_letter_bytes": 0, "turns_after_huge_text": 0}
+    at = (huge[0].topic, huge[0].partition, huge[0].offset)
+    letters = [
+        d.value
+        for d in cluster.tail.records(DEAD_LETTERS)
+        if d.value
+        and (d.value.get("source_topic"), d.value.get("partition"), d.value.get("offset")) == at
+    ]
+    replied = {r.get("event_id") for r in replies_for(cluster, {t.scope_id for t in turns})}
+    after = [t for t in turns if t.sent_at > huge[0].sent_at]
+    return {
+        "huge_text_letter_bytes": len(json.dumps(letters[0]).encode()) if letters else 0,
+        "huge_text_letter_reason": str(letters[0].get("error"))[:160] if letters else None,
+        "turns_after_huge_text": len(after),
+        "turns_after_huge_text_unanswered": sum(1 for t in after if t.event_id not in replied),
+    }
 
 
 def _letters_for(cluster: Cluster, sent: list[Sent]) -> set[tuple[str, int, int]]:
