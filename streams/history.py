@@ -111,7 +111,7 @@ class RetractionsUnavailable(StreamsError):
 class RetractedEvents:
     """The retracted event ids of each scope, as a cache of the registry's record.
 
-    A scope's set is read (``lookup``: ``consolidation.registry.retracted_event_ids``) the
+    A scope's set is read (``lookup``: ``consolidation.retraction_record.retracted_event_ids``) the
     first time one of its rows is written, and again after each of its retractions seen on
     ``somna.retractions`` (whose event id counts at once, in case the registry lags).
     """
@@ -352,7 +352,7 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
     """
     import asyncio
 
-    from consolidation.registry import retracted_event_ids
+    from consolidation.retraction_record import retracted_event_ids
     from streams.records import Retraction
 
     retracted = RetractedEvents(lambda scope: retracted_event_ids(settings.tracking_uri, scope))

@@ -29,7 +29,7 @@ EngineFactory = Callable[[Settings], Engine]
 
 def model_engine(settings: Settings) -> Engine:
     """The production engine: the base model at alias ``production`` (registered if absent)."""
-    from consolidation.registry import ensure_base_model
+    from consolidation.base_model import ensure_base_model
     from streams.memory import ModelEngine
 
     base = ensure_base_model(settings.tracking_uri)

@@ -301,7 +301,7 @@ def registry_audit(tracking_uri: str, scopes: set[str]) -> dict:
     lineage names another scope (misrouted), and jobs that registered two versions."""
     from mlflow import MlflowClient
 
-    from consolidation.registry import fast_weights_model_name
+    from consolidation.fast_weights import fast_weights_model_name
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     versions = wrong_scope = retraction_versions = 0

@@ -213,7 +213,7 @@ class Cluster:
         self.wait_mlflow(timeout)
         # The stream worker first, the sleep worker once the base model is registered: two
         # workers starting at once on an empty registry each register a base model (a race
-        # in consolidation.registry.ensure_base_model), and then the agent refuses every
+        # in consolidation.base_model.ensure_base_model), and then the agent refuses every
         # fast-weights version as made for another base model.
         self.stream.start()
         self.wait_base_model(timeout)
@@ -225,7 +225,7 @@ class Cluster:
         """The version behind alias ``production`` of the base model, as the registry says."""
         from mlflow import MlflowClient
 
-        from consolidation.registry import BASE_MODEL_NAME, PRODUCTION
+        from consolidation.base_model import BASE_MODEL_NAME, PRODUCTION
 
         client = MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
         try:

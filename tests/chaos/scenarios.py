@@ -212,7 +212,7 @@ def _sleep_run_in_progress(cluster: Cluster) -> bool:
     import urllib.parse
     import urllib.request
 
-    from consolidation.registry import SLEEP_EXPERIMENT
+    from consolidation.tracking import SLEEP_EXPERIMENT
 
     try:
         q = urllib.parse.urlencode({"experiment_name": SLEEP_EXPERIMENT})
