@@ -315,7 +315,7 @@ def _print(r: dict) -> None:
     )
     row("publish -> agent swapped, all scopes", r["publish_to_agent_swapped"], "agent's log")
     notes = {"taken": "publish -> the agent takes it", "fetch": "verify + load artifact",
-             "engine": "wait for + run engine.swap"}  # fmt: skip
+             "engine": "wait for the engine; stage (applied at the scope's next turn)"}  # fmt: skip
     for k, summary in r.get("agent_swap_parts", {}).items():
         if summary["n"]:
             row(f"    agent: {k}", summary, notes[k])

@@ -6,7 +6,10 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
   remembered); a user turn is then answered by ``generate`` from ``<assistant>`` on a copy,
   so the generated reply is never remembered;
 - a fast-weights swap: ``lm.swap_in`` keeps S' and drops only pending events at or below
-  W' (invariant 1); a refused or stale artifact leaves the previous version serving;
+  W' (invariant 1); a refused or stale artifact leaves the previous version serving. An
+  accepted swap is staged and applied when the scope is next used: swap_in re-wakes the
+  events after W' (~20 ms a scope on a CPU), and a burst of 100 publishes applied at once
+  held the engine thread for seconds while only the scopes that speak need it;
 - a rollback (a publish older than what we serve, that the registry says is live): the
   dropped events cannot be put back from memory, so the scope is marked for a reload; the
   agent rebuilds it like an evicted one, from that version plus the topic after it;
@@ -43,6 +46,7 @@ class ScopeMemory:
     offsets: dict[str, int] = field(default_factory=dict)  # event_id -> offset, pending only
     last_offset: int = -1  # the last offset woken (or folded into S)
     partition: int = -1  # of somna.interactions: the memory is valid while we own it
+    staged: tuple[FastWeightsPublished, Any] | None = None  # accepted, applied at next use
 
 
 class ModelEngine:
@@ -84,7 +88,11 @@ class ModelEngine:
         return len(self._scopes)
 
     def memory(self, scope_id: str) -> ScopeMemory | None:
-        return self._scopes.get(scope_id)
+        """The scope's memory as it is served now (a staged swap applied)."""
+        mem = self._scopes.get(scope_id)
+        if mem is not None:
+            self._apply_staged(mem)
+        return mem
 
     def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None:
         from model.tokenizer import render_turn
@@ -175,7 +183,7 @@ class ModelEngine:
         if scope_id not in self._scopes:  # the agent loads before answering; this is a fallback
             self.install(scope_id, ScopeSnapshot(None, None, partition=turn.partition))
         self._scopes.move_to_end(scope_id)
-        return self._scopes[scope_id]
+        return self.memory(scope_id)
 
     def _remember(self, mem: ScopeMemory, turn: Turn, tokens: list[int]) -> bool:
         """Wake the turn into the scope's memory at its offset; False if it was there."""
@@ -195,21 +203,28 @@ class ModelEngine:
             return "not_loaded"
         if weights.scope_id != published.scope_id or not self._acceptable(weights):
             return "refused"
-        if published.watermark < mem.state.watermark:
+        watermark, version = mem.state.watermark, mem.fast_weights_version
+        if mem.staged is not None:  # what the scope will serve from its next use
+            watermark, version = mem.staged[0].watermark, mem.staged[0].version
+        if published.watermark < watermark:
             return "older"
-        if (
-            published.watermark == mem.state.watermark
-            and published.version == mem.fast_weights_version
-        ):
+        if published.watermark == watermark and published.version == version:
             return "stale"
+        mem.staged = (published, weights)
+        return "swapped"
+
+    def _apply_staged(self, mem: ScopeMemory) -> None:
+        if mem.staged is None:
+            return
+        published, weights = mem.staged
+        mem.staged = None
         mem.state = self.lm.swap_in(mem.state, weights.tensors, published.watermark)
         mem.fast_weights_version = published.version
         mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
         mem.last_offset = max(mem.last_offset, published.watermark)
-        return "swapped"
 
     def retract(self, retraction: Retraction) -> bool:
-        mem = self._scopes.get(retraction.scope_id)
+        mem = self.memory(retraction.scope_id)
         if mem is None or retraction.event_id not in mem.offsets:
             return False
         gone = mem.offsets.pop(retraction.event_id)

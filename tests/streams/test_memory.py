@@ -160,3 +160,18 @@ def test_a_new_base_model_drops_every_scope_and_refuses_the_old_fast_weights(lm)
     assert engine.memory("u1").fast_weights_version is None  # base 7's S is not served on 8
     [reply] = engine.answer([_turn(2, role="user")])
     assert reply.base_model_version == "8"
+
+
+def test_swaps_are_applied_at_the_next_turn_newest_first_without_a_gap(lm):
+    engine = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
+    engine.answer([_turn(i) for i in range(5)])
+    v1, w1 = _weights(lm, engine, upto=1)
+    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    assert engine.swap(v1, w1) == "swapped"
+    assert engine.swap(v2, w2) == "swapped"  # both before the scope speaks again
+    assert engine.swap(v2, w2) == "stale"  # staged already
+    [reply] = engine.answer([_turn(5, role="user")])
+    assert reply.fast_weights_version == "2"
+    mem = engine.memory("u1")
+    assert mem.state.watermark == 3
+    assert [e.offset for e in mem.state.pending_events] == [4, 5]  # no gap (invariant 1)
