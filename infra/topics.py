@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 INTERACTIONS = "somna.interactions"
 REPLIES = "somna.replies"
 RETRACTIONS = "somna.retractions"
@@ -34,6 +38,7 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
 }
 
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs v1+ config_source: a topic-level override
 
 
 def provision(bootstrap: str, partitions: int, replication: int = 1) -> None:
@@ -78,6 +83,8 @@ async def provision_async(bootstrap: str, partitions: int, replication: int = 1)
                         f"creating topic {topic} on {bootstrap} failed: "
                         f"{for_code(code).__name__} {message[0] if message else ''}"
                     )
+        if len(missing) < len(ALL_TOPICS):
+            await _align_configs(admin, bootstrap)
         for info in await _describe_when_ready(admin, list(ALL_TOPICS)):
             count = len(info["partitions"])
             if count != partitions:
@@ -88,6 +95,40 @@ async def provision_async(bootstrap: str, partitions: int, replication: int = 1)
                 )
     finally:
         await admin.close()
+
+
+async def _align_configs(admin: object, bootstrap: str) -> None:
+    """Give topics that already exist the configs listed above (a data dir made by an older
+    Somna, or topics made by hand). AlterConfigs replaces a topic's whole set of
+    overrides, so the overrides of other keys are read first and kept."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+    from aiokafka.errors import for_code
+
+    from infra.errors import SetupError
+
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in TOPIC_CONFIGS]
+    changes = []
+    for response in await admin.describe_configs(resources):  # type: ignore[attr-defined]
+        v0 = response.API_VERSION == 0  # v0 has is_default where v1+ has config_source
+        for _code, _message, _type, topic, entries in response.resources:
+            if topic not in TOPIC_CONFIGS:
+                continue
+            overrides = {
+                e[0]: e[1] for e in entries if (not e[3] if v0 else e[3] == _DYNAMIC_TOPIC_CONFIG)
+            }
+            wanted = {**overrides, **TOPIC_CONFIGS[topic]}
+            if wanted != overrides:
+                changes.append(ConfigResource(ConfigResourceType.TOPIC, topic, wanted))
+    if not changes:
+        return
+    for response in await admin.alter_configs(changes):  # type: ignore[attr-defined]
+        for code, message, _type, topic in response.resources:
+            if code:
+                raise SetupError(
+                    f"setting the configs of topic {topic} on {bootstrap} failed: "
+                    f"{for_code(code).__name__} {message or ''}"
+                )
+    log.info("topic configs updated: %s", ", ".join(c.name for c in changes))
 
 
 async def _describe_when_ready(admin: object, topics: list[str], timeout: float = 30.0) -> list:
