@@ -12,7 +12,14 @@ sleep worker, on an embedded broker and MLflow server (or ``SOMNA_KAFKA_BOOTSTRA
    question (one in flight at a time) until a reply carries the new version. Latency =
    from the publish record's timestamp to the receipt of that reply. Baseline, same run:
    the round trip of a question when nothing is swapped (the ratio is reported).
-   Target: swap p99 < 200 ms.
+   Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question) before the load
+   starts, and publishes are probed only from then: a cold scope's load holds the agent's
+   answer loop (~0.3 s a scope), which is a cold start, not a hot swap.
+3. Diagnostic (``swap_diagnostic`` in the JSON, a line under the table): per probed swap,
+   its timeline (publish, bench sees it, agent staged it, each probe's send / reply built /
+   receipt and version), old-version replies per swap, the final probe's agent side
+   (``latency_ms``) and delivery; the reply round trip *during* the load (one probed scope
+   at a time, no swap pending); the agent's own slow-batch log lines.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ from streams.records import FastWeightsPublished, Interaction, Reply, decode, no
 
 console = Console()
 PROBE_EVERY = 0.005  # how often the prober checks for a publish / an answered probe
+# During the load, one probed scope with no swap pending (in turn) is asked a question this
+# often: the reply round trip under the same load as the swaps (the baseline phases run
+# without it). One at a time, so these questions add little to the load they measure.
+LOAD_RTT_EVERY = 0.5
+SLOW_PROBE_S = 0.5  # probed swaps slower than this are listed in the diagnostic
 CHUNK_TOKENS = 96
 IDLE_SECONDS = 3.0
 PASSES = 2
@@ -62,6 +74,19 @@ class Bench:
         self.asked: dict[str, float] = {}  # event_id -> send time (baseline probes)
         self.in_flight: dict[str, str] = {}  # scope -> event_id of its unanswered probe
         self.published_at: dict[tuple[str, str], float] = {}  # (scope, version) -> publish time
+        # Diagnostics: per probed swap, its timeline; round trips under load, no swap pending.
+        self.timelines: list[dict] = []
+        self._open: dict[str, dict] = {}  # scope -> timeline of its pending swap
+        self.probe_sent: dict[str, tuple[str, float]] = {}  # event_id -> (scope, send time)
+        self.load_rtt: list[float] = []
+        self.load_rtt_parts: list[tuple[float, float]] = []  # (agent latency_ms, delivery) s
+        self._load_asked: dict[str, float] = {}  # event_id -> send time
+        self._load_in_flight: dict[str, str] = {}  # scope -> event_id (never blocks a probe)
+        self.load_rtt_at: list[tuple[float, float, float]] = []  # (sent, rtt, agent latency)
+        self.loading = False
+        self.warming: set[str] = set()  # event_ids of the warm-up turns not yet answered
+        self.warmup_seconds = 0.0
+        self.probing = False  # publishes are probed once every scope is loaded
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
 
     async def _consumer(self, topic: str) -> AIOKafkaConsumer:
@@ -112,8 +137,17 @@ class Bench:
                         self.lags += [t_recv - t for t in covered]
                         self.sent[pub.scope_id] = [(o, t) for o, t in waiting if o > pub.watermark]
                         self.published_at[(pub.scope_id, pub.version)] = r.timestamp / 1000.0
-                        if pub.scope_id in self.probed:
+                        if self.probing and pub.scope_id in self.probed:
                             self.pending_probe[pub.scope_id] = (pub.version, r.timestamp / 1000.0)
+                            old = self._open.get(pub.scope_id)
+                            if old is not None:
+                                old["superseded"] = True
+                            self._open[pub.scope_id] = tl = {
+                                "scope": pub.scope_id, "version": pub.version,
+                                "published": r.timestamp / 1000.0, "seen": t_recv,
+                                "probes": [],
+                            }  # fmt: skip
+                            self.timelines.append(tl)
         finally:
             await c.stop()
 
@@ -123,9 +157,33 @@ class Bench:
         while not stop.is_set():
             for scope in list(self.pending_probe):
                 if scope not in self.in_flight:
+                    t = time.time()
                     event_id, _ = await self.send(scope, "hi?", role="user")
                     self.in_flight[scope] = event_id
+                    self.probe_sent[event_id] = (scope, t)
+                    tl = self._open.get(scope)
+                    if tl is not None:
+                        tl["probes"].append({"event_id": event_id, "sent": t,
+                                             "sent_done": time.time()})  # fmt: skip
             await asyncio.sleep(PROBE_EVERY)
+
+    async def probe_under_load(self, stop: asyncio.Event) -> None:
+        """While the load runs, every ``LOAD_RTT_EVERY`` s, ask the next probed scope that
+        has no swap pending and nothing in flight a question: the round trip swaps see."""
+        order = sorted(self.probed)
+        i = 0
+        while not stop.is_set():
+            if self.loading and not self._load_in_flight:
+                for scope in order[i:] + order[:i]:
+                    i = (order.index(scope) + 1) % len(order)
+                    if scope in self.pending_probe or scope in self.in_flight:
+                        continue
+                    t = time.time()
+                    event_id, _ = await self.send(scope, "hi?", role="user")
+                    self._load_in_flight[scope] = event_id
+                    self._load_asked[event_id] = t
+                    break
+            await asyncio.sleep(LOAD_RTT_EVERY)
 
     async def watch_replies(self, stop: asyncio.Event) -> None:
         c = await self._consumer(REPLIES)
@@ -139,12 +197,36 @@ class Bench:
                             del self.in_flight[reply.scope_id]
                         if reply.event_id in self.asked:
                             self.baseline.append(t_recv - self.asked.pop(reply.event_id))
+                        self.warming.discard(reply.event_id)
+                        if reply.event_id in self._load_asked:
+                            self._load_in_flight.pop(reply.scope_id, None)
+                            t_sent = self._load_asked.pop(reply.event_id)
+                            rtt = t_recv - t_sent
+                            self.load_rtt_at.append((t_sent, rtt, reply.latency_ms / 1000))
+                            self.load_rtt.append(rtt)
+                            self.load_rtt_parts.append((reply.latency_ms / 1000, t_recv - reply.ts))
+                        self._note_probe_reply(reply, t_recv, r.timestamp / 1000.0)
                         want = self.pending_probe.get(reply.scope_id)
-                        if want and reply.fast_weights_version == want[0]:
+                        # Only the prober's questions count (as before the load round trips).
+                        is_probe = reply.event_id in self.probe_sent
+                        if want and is_probe and reply.fast_weights_version == want[0]:
                             self.swaps.append(t_recv - want[1])
                             del self.pending_probe[reply.scope_id]
+                            tl = self._open.pop(reply.scope_id, None)
+                            if tl is not None:
+                                tl["swap_s"] = t_recv - want[1]
         finally:
             await c.stop()
+
+    def _note_probe_reply(self, reply: Reply, t_recv: float, t_record: float) -> None:
+        sent = self.probe_sent.get(reply.event_id)
+        tl = self._open.get(reply.scope_id)
+        if sent is None or tl is None:
+            return
+        for p in tl["probes"]:
+            if p["event_id"] == reply.event_id:
+                p.update(received=t_recv, reply_record=t_record, reply_ts=reply.ts,
+                         latency_ms=reply.latency_ms, version=reply.fast_weights_version)  # fmt: skip
 
     async def ask_baseline(self, n: int) -> None:
         """Closed-loop questions to probed scopes while no swap is pending: the baseline."""
@@ -169,14 +251,28 @@ async def _measure(
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(f(stop))
-        for f in (bench.watch_publishes, bench.watch_replies, bench.probe)
+        for f in (bench.watch_publishes, bench.watch_replies, bench.probe, bench.probe_under_load)
     ]
     try:
-        for s in sorted(bench.probed):  # the agent loads the probed scopes
-            await bench.send(s, "hello.", role="user")
+        # The agent loads every scope before the load starts: loading a cold scope holds
+        # the agent's answer loop (~0.3 s a scope: registry lookups, topic read-back), and
+        # 7 cold scopes at the load's start held every reply, probes included, for ~2.5 s.
+        # Swaps published meanwhile are not probed: they would measure the cold loads.
+        await asyncio.sleep(2)  # the watchers are at the topics' ends
+        t0 = time.monotonic()
+        for s in bench.scopes:
+            event_id, _ = await bench.send(s, "hello.", role="user")
+            bench.warming.add(event_id)
+        t_end = t0 + 60 + len(bench.scopes)
+        while bench.warming and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        bench.warmup_seconds = time.monotonic() - t0
+        bench.probing = True
         await asyncio.sleep(3)
         await bench.ask_baseline(20)
+        bench.loading = True
         await bench.load(seconds, rate)
+        bench.loading = False
         t_end = time.monotonic() + IDLE_SECONDS * 10 + 60
         while any(bench.sent.values()) and time.monotonic() < t_end:
             await asyncio.sleep(0.5)
@@ -194,6 +290,12 @@ async def _measure(
         "unresolved": unresolved,
         "published_at": bench.published_at,
         "probed": bench.probed,
+        "timelines": bench.timelines,
+        "load_rtt": bench.load_rtt,
+        "load_rtt_parts": bench.load_rtt_parts,
+        "load_rtt_at": bench.load_rtt_at,
+        "warmup_seconds": bench.warmup_seconds,
+        "warmup_unanswered": len(bench.warming),
     }
 
 
@@ -221,6 +323,92 @@ def agent_swap_delays(
                 for k, v in zip(PARTS, (m[5], m[6], m[7]), strict=True):
                     parts[k].append(float(v) / 1000)
     return delays, parts
+
+
+def agent_swapped_at(stream_log: Path) -> dict[tuple[str, str], float]:
+    """(scope, version) -> when the agent logged its swap as done (staged)."""
+    out: dict[tuple[str, str], float] = {}
+    for line in stream_log.read_text(errors="replace").splitlines():
+        m = _SWAP_LINE.match(line)
+        if m:
+            t = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+            out[(m[3], m[4])] = t
+    return out
+
+
+def swap_diagnostic(
+    timelines: list[dict],
+    swapped_at: dict[tuple[str, str], float],
+    load_rtt: list[float],
+    load_rtt_parts: list[tuple[float, float]],
+) -> dict:
+    """Where a probed swap's time goes: bench sees the publish, probes answered with the
+    old version (each one more round trip), the agent's side of the final probe
+    (``latency_ms``: record -> reply built) and its delivery (reply built -> received)."""
+    done = [t for t in timelines if "swap_s" in t]
+    parts: dict[str, list[float]] = defaultdict(list)
+    slow = []
+    for t in done:
+        pub = t["published"]
+        answered = [p for p in t["probes"] if "received" in p]
+        last = answered[-1] if answered else None
+        parts["publish_to_bench_seen"].append(t["seen"] - pub)
+        if (t["scope"], t["version"]) in swapped_at:
+            parts["publish_to_agent_staged"].append(swapped_at[(t["scope"], t["version"])] - pub)
+        if last is not None:
+            parts["final_probe_round_trip"].append(last["received"] - last["sent"])
+            parts["final_probe_agent_latency"].append(last["latency_ms"] / 1000)
+            parts["final_probe_delivery"].append(last["received"] - last["reply_ts"])
+            parts["final_probe_sent_after_publish"].append(last["sent"] - pub)
+        parts["old_version_replies"].append(
+            float(sum(1 for p in answered if p["version"] != t["version"]))
+        )
+        if t["swap_s"] > SLOW_PROBE_S:
+            staged = swapped_at.get((t["scope"], t["version"]))
+            rel = lambda x, p0=pub: None if x is None else round((x - p0) * 1000)  # noqa: E731
+            slow.append({
+                "scope": t["scope"], "version": t["version"], "swap_ms": round(t["swap_s"] * 1000),
+                "bench_seen_ms": rel(t["seen"]), "agent_staged_ms": rel(staged),
+                "probes": [{"sent_ms": rel(p["sent"]), "received_ms": rel(p.get("received")),
+                            "reply_built_ms": rel(p.get("reply_ts")),
+                            "agent_latency_ms": p.get("latency_ms"),
+                            "version": p.get("version")} for p in t["probes"]],
+            })  # fmt: skip
+    out = {k: _summary(v) for k, v in parts.items() if k != "old_version_replies"}
+    olds = parts["old_version_replies"]
+    out["old_version_replies"] = {"n": len(olds), "mean": statistics.fmean(olds) if olds else None,
+                                  "max": max(olds) if olds else None}  # fmt: skip
+    out["reply_round_trip_under_load"] = _summary(load_rtt)
+    out["under_load_agent_latency"] = _summary([a for a, _ in load_rtt_parts])
+    out["under_load_delivery"] = _summary([d for _, d in load_rtt_parts])
+    out["slow_swaps"] = slow
+    return out
+
+
+_SLOW_BATCH = re.compile(r"^\S+ (\S+) INFO streams\.agent: slow batch of (.*)$")
+
+
+def agent_slow_batches(stream_log: Path) -> list[str]:
+    """The agent's own account of its slow batches (``streams/agent.py``)."""
+    out = []
+    for line in stream_log.read_text(errors="replace").splitlines():
+        m = _SLOW_BATCH.match(line)
+        if m:
+            out.append(f"{m[1]} {m[2]}")
+    return out
+
+
+def slow_under_load(load_rtt_at: list[tuple[float, float, float]]) -> list[dict]:
+    """Under-load round trips slower than ``SLOW_PROBE_S``, with their wall-clock time (to
+    line up with the workers' logs)."""
+    out = []
+    for t_sent, rtt, agent in load_rtt_at:
+        if rtt > SLOW_PROBE_S:
+            at = (
+                time.strftime("%H:%M:%S", time.localtime(t_sent)) + f".{int(t_sent % 1 * 1000):03d}"
+            )
+            out.append({"sent": at, "rtt_ms": round(rtt * 1000), "agent_ms": round(agent * 1000)})
+    return out
 
 
 def _summary(values: list[float]) -> dict:
@@ -260,6 +448,14 @@ def run(quick: bool, json_path: Path | None) -> dict:
                 raw["probed_swaps"], _ = agent_swap_delays(
                     log_file, raw["published_at"], raw["probed"]
                 )
+                raw["diagnostic"] = swap_diagnostic(
+                    raw["timelines"], agent_swapped_at(log_file), raw["load_rtt"],
+                    raw["load_rtt_parts"],
+                )  # fmt: skip
+                raw["diagnostic"]["slow_under_load"] = slow_under_load(raw["load_rtt_at"])
+                raw["diagnostic"]["agent_slow_batches"] = agent_slow_batches(log_file)
+                raw["diagnostic"]["warmup_seconds"] = raw["warmup_seconds"]
+                raw["diagnostic"]["warmup_unanswered"] = raw["warmup_unanswered"]
             finally:
                 for p in procs:
                     stop(p)
@@ -282,6 +478,8 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "swap_p99_over_baseline_p99": (swap["p99_ms"] / baseline["p99_ms"])
         if swap["p99_ms"] and baseline["p99_ms"] else None,
         "target_swap_p99_ms": 200.0,
+        "reply_round_trip_under_load": raw["diagnostic"]["reply_round_trip_under_load"],
+        "swap_diagnostic": raw["diagnostic"],
         "machine": f"{os.cpu_count()} CPU cores, no GPU" if not _has_cuda() else "GPU",
     }  # fmt: skip
     _print(result)
@@ -324,3 +522,25 @@ def _print(r: dict) -> None:
         f"chunk {r['chunk_tokens']} tok, idle {r['idle_seconds']} s, N={r['passes']}; "
         f"{r['unresolved_events']} events unresolved")  # fmt: skip
     console.print(t)
+    d = r.get("swap_diagnostic")
+    if d:
+        f = lambda s, k="p99_ms": "-" if s[k] is None else f"{s[k]:.0f}"  # noqa: E731
+        fr, ul = d["final_probe_round_trip"], d["reply_round_trip_under_load"]
+        console.print(
+            f"diagnostic: round trip under load p50/p99 {f(ul, 'p50_ms')}/{f(ul)} ms "
+            f"(agent {f(d['under_load_agent_latency'])}, delivery {f(d['under_load_delivery'])}"
+            f" p99); final probe p50/p99 {f(fr, 'p50_ms')}/{f(fr)} ms (agent "
+            f"{f(d['final_probe_agent_latency'])}, delivery {f(d['final_probe_delivery'])} p99);"
+            f" old-version replies/swap mean {d['old_version_replies']['mean'] or 0:.2f} "
+            f"max {d['old_version_replies']['max'] or 0:.0f}; "
+            f"{len(d['slow_swaps'])} swaps > {SLOW_PROBE_S * 1000:.0f} ms"
+        )
+        for sw in d["slow_swaps"][:5]:
+            console.print(f"  slow: {json.dumps(sw)}")
+        console.print(
+            f"warm-up (all {r['scopes']} scopes loaded before the load): "
+            f"{d['warmup_seconds']:.1f} s; agent slow batches (> 0.3 s): "
+            f"{len(d['agent_slow_batches'])}"
+        )
+        for line in d["agent_slow_batches"][:5]:
+            console.print(f"  agent: {line}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TypeVar
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 128  # turns answered per engine call
 BATCH_WINDOW = 0.005  # seconds a batch waits to fill: a bound on the latency it adds
+SLOW_BATCH_SECONDS = 0.3  # a batch slower than this is logged with where its time went
 
 T = TypeVar("T")
 
@@ -83,11 +85,15 @@ def install(
                     turns.append(turn)
             if not turns:
                 continue
+            t_taken = time.time()
             await _load_missing(turns)
+            t_loaded = time.time()
+            started: list[float] = []
             if engine.blocking:
-                replies = await thread.call(engine.answer, turns)
+                replies = await thread.call(_timed, started, engine.answer, turns)
             else:
                 replies = engine.answer(turns)
+            _log_if_slow(turns, t_taken, t_loaded, started)
             for reply in replies:
                 # Straight to the producer (Faust's topic.send adds per-message bookkeeping
                 # we do not use); Faust flushes it before committing the offsets.
@@ -114,6 +120,29 @@ def install(
             snapshots = await loader.load(partition, upto, with_weights=engine.uses_fast_weights)
             for scope, snapshot in snapshots.items():
                 await thread.call(engine.install, scope, snapshot)
+
+    def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
+        started.append(time.time())  # when the engine thread took it: queue wait before
+        return fn(*args)
+
+    last_slow_log = [0.0]
+
+    def _log_if_slow(turns: list[Turn], taken: float, loaded: float, started: list[float]) -> None:
+        # Only turns someone waits for; at most once a second (a backlog is slow throughout).
+        done = time.time()
+        asked = [t.produced_at for t in turns if t.wants_reply and t.produced_at]
+        if not asked or done - min(asked) < SLOW_BATCH_SECONDS or done - last_slow_log[0] < 1:
+            return
+        last_slow_log[0] = done
+        oldest = min(asked)
+        start = started[0] if started else loaded
+        # benchmarks/swap.py: where a slow reply's time went, on the agent's side.
+        log.info(
+            "slow batch of %d turns: %.0f ms record -> taken, load %.0f ms, "
+            "engine queue %.0f ms, engine %.0f ms",
+            len(turns), (taken - oldest) * 1000, (loaded - taken) * 1000,
+            (start - loaded) * 1000, (done - start) * 1000,
+        )  # fmt: skip
 
     swapper = Swapper(engine, thread, loader)
 

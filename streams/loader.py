@@ -129,12 +129,18 @@ class ScopeLoader:
         self, partition: int, upto: dict[str, int], *, with_weights: bool = True
     ) -> dict[str, ScopeSnapshot]:
         """Snapshots of ``upto``'s scopes: events strictly before each scope's given offset."""
-        snapshots: dict[str, ScopeSnapshot] = {}
-        for scope in upto:
-            published, weights = await self._live(scope) if with_weights else (None, None)
-            snapshots[scope] = ScopeSnapshot(
-                weights=weights, published=published, partition=partition
-            )
+        # The registry calls of a batch's cold scopes run together: one after another, each
+        # new scope held every reply of the worker for ~0.3 s more.
+        scopes = list(upto)
+        lives = (
+            await asyncio.gather(*(self._live(s) for s in scopes))
+            if with_weights
+            else [(None, None)] * len(scopes)
+        )
+        snapshots = {
+            scope: ScopeSnapshot(weights=weights, published=published, partition=partition)
+            for scope, (published, weights) in zip(scopes, lives, strict=True)
+        }
         after = {
             s: (snap.published.watermark if snap.published else -1) for s, snap in snapshots.items()
         }
@@ -147,8 +153,9 @@ class ScopeLoader:
                 for _, r in await self._read(RETRACTIONS, partition, 0, None, set(upto), Retraction)
             }
             if with_weights:
-                for scope in upto:
-                    retracted |= {(scope, e) for e in await self._retracted(scope)}
+                found = await asyncio.gather(*(self._retracted(s) for s in scopes))
+                for scope, ids in zip(scopes, found, strict=True):
+                    retracted |= {(scope, e) for e in ids}
             events = await self._read(INTERACTIONS, partition, start, end, set(upto), Interaction)
             for offset, event in events:
                 if (event.scope_id, event.event_id) in retracted:
