@@ -11,25 +11,16 @@ Choices, and why:
 - Tables live in memory and are rebuilt from their changelog topic on start; no standby
   replicas, so that a table only ever holds the partitions this worker owns.
 - The consumer group id is the App id; roles split over processes get their own group.
-- Per message, Faust's intake is most of a worker's CPU (see benchmarks/pipeline.py), so
-  two parts of it we do not use are cut: the serializer registry (``RawSchema`` hands us
-  Kafka's bytes as they are) and the Monitor's per-event statistics, which only Faust's
-  web views read (``QuietMonitor``; our metrics are Prometheus').
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import faust
-from faust.sensors.monitor import Monitor
-from faust.types import AppT
-from faust.types.tuples import Message
 
 from infra.settings import Settings
 from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETRACTIONS, SLEEP_JOBS
-from streams.recovery import SeekFirstTableManager
 
 GROUP_PREFIX = "somna-stream"
 ALL_ROLES = ("agent", "history", "consolidator")
@@ -45,41 +36,6 @@ def group_id(roles: tuple[str, ...] = ALL_ROLES) -> str:
 
 def broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
-
-
-class RawSchema(faust.Schema):
-    """Keys and values as Kafka's bytes, without a serializer lookup per message."""
-
-    def loads_key(self, app: AppT, message: Message, **kwargs: Any) -> Any:
-        return message.key
-
-    def loads_value(self, app: AppT, message: Message, **kwargs: Any) -> Any:
-        return message.value
-
-
-class QuietMonitor(Monitor):
-    """Faust's Monitor without its per-message bookkeeping (for web views we do not run)."""
-
-    def on_message_in(self, *args: Any) -> None:
-        pass
-
-    def on_stream_event_in(self, *args: Any) -> None:
-        return None
-
-    def on_stream_event_out(self, *args: Any) -> None:
-        pass
-
-    def on_message_out(self, *args: Any) -> None:
-        pass
-
-    def on_send_initiated(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def on_send_completed(self, *args: Any) -> None:
-        pass
-
-    def track_tp_end_offset(self, *args: Any) -> None:
-        pass
 
 
 def create_app(settings: Settings, *, app_id: str = GROUP_PREFIX) -> faust.App:
@@ -102,9 +58,6 @@ def create_app(settings: Settings, *, app_id: str = GROUP_PREFIX) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
-        monitor=QuietMonitor(),
-        # Seek before resuming the stream partitions after a rebalance: see streams/recovery.py.
-        TableManager=SeekFirstTableManager,
     )
 
 
@@ -122,7 +75,9 @@ def declare_topics(app: faust.App) -> Topics:
     """Each topic once; they are provisioned by `infra.topics.provision` before the worker."""
 
     def topic(name: str) -> faust.TopicT:
-        return app.topic(name, schema=RawSchema(key_type=bytes, value_type=bytes))
+        return app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
     return Topics(
         interactions=topic(INTERACTIONS),

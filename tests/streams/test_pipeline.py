@@ -60,7 +60,7 @@ BAD = {
     "oversize text": None,  # filled in below
     "unsafe scope": None,
     "key mismatch": None,
-    "tombstone": None,  # a null value: Faust hands it over as is (streams.app.RawSchema)
+    "tombstone": None,  # a null value (Kafka's tombstone)
 }
 
 
@@ -288,12 +288,6 @@ async def test_workers_split_partitions_and_lose_nothing_when_one_joins_or_leave
     assert all(r.reply_id == reply_id_for(r.event_id) for r in answered)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent (about 1 run in 7, with or without streams/recovery.py): the turn "
-    "sent while the restarted worker recovers its table is sometimes never consumed, so no "
-    "sleep job comes; the same Faust 0.15 recovery window as the kill -9 chaos scenario.",
-)
 async def test_the_consolidation_table_survives_a_restart(
     kafka_bootstrap, stream_env, start_worker
 ):
