@@ -67,15 +67,10 @@ class BaseModelWatch:
         self.served_version = version
         return base
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Poll every ``interval`` seconds until ``stop``; registry errors are retried."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.check()
-            except Exception as e:  # noqa: BLE001 (registry away: keep serving, poll again)
-                log.warning("base model watch: %s", e)
+    async def poll(self) -> None:
+        """:meth:`check` for a worker's loop (every ``interval`` seconds): a registry error
+        is logged and the served model kept; the next poll tries again."""
+        try:
+            await self.check()
+        except Exception as e:  # noqa: BLE001 (registry away: keep serving, poll again)
+            log.warning("base model watch: %s", e)

@@ -28,7 +28,7 @@ from typing import Any
 
 from consolidation import blobs, metrics
 from consolidation.base_model import BASE_MODEL_NAME, BaseModel, ensure_base_model
-from consolidation.base_model_watch import POLL_SECONDS, BaseModelWatch
+from consolidation.base_model_watch import BaseModelWatch
 from consolidation.batch import pick_device, run_batch
 from consolidation.exceptions import HistoryError
 from consolidation.planner import Plan, plan_job
@@ -246,15 +246,12 @@ async def run_async(
         worker.base = new  # between batches: a batch never mixes two base models
 
     watch = BaseModelWatch(settings.tracking_uri, base.version, take_base)
-    next_poll = time.monotonic() + POLL_SECONDS
+    next_poll = time.monotonic() + watch.interval
     try:
         while not stop.is_set():
             if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + POLL_SECONDS
-                try:
-                    await watch.check()
-                except Exception as e:  # noqa: BLE001 (registry away: keep the one we have)
-                    log.warning("base model watch: %s", e)
+                next_poll = time.monotonic() + watch.interval
+                await watch.poll()
             fetched = await consumer.getmany(timeout_ms=500, max_records=256)
             records = [r for tp in sorted(fetched, key=str) for r in fetched[tp]]
             if not records:

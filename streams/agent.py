@@ -187,7 +187,7 @@ def _watch_base_model(
     app: faust.App, settings: Settings, engine: Engine, thread: EngineThread
 ) -> None:
     """Serve a new ``production`` base model without a restart (polls the registry)."""
-    from consolidation.base_model_watch import POLL_SECONDS, BaseModelWatch
+    from consolidation.base_model_watch import BaseModelWatch
 
     async def serve(base) -> None:
         dropped = await thread.call(engine.set_base_model, base.lm, base.version)
@@ -195,9 +195,6 @@ def _watch_base_model(
 
     watch = BaseModelWatch(settings.tracking_uri, engine.base_model_version, serve)
 
-    @app.timer(interval=POLL_SECONDS)
+    @app.timer(interval=watch.interval)
     async def watch_base_model() -> None:
-        try:
-            await watch.check()
-        except Exception as e:  # noqa: BLE001 (registry away: keep serving, poll again)
-            log.warning("base model watch: %s", e)
+        await watch.poll()
