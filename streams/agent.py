@@ -10,6 +10,8 @@ Per micro-batch (``take_events``: up to ``MAX_BATCH`` turns or ``BATCH_WINDOW`` 
 decode (bad input -> dead letters), load the scopes that are not in memory (their live
 fast weights and the events after its watermark, read back from the topic), answer, and
 produce the replies keyed by scope. Offsets are acked only after the replies are sent.
+A turn the consumer skipped (Faust's recovery can drop records after a rebalance) is
+noticed by its offset and read back from the topic before the next one (streams/gaps.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from streams import metrics
 from streams.app import Topics
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, Turn
+from streams.gaps import SkipCheck
 from streams.loader import ScopeLoader
 from streams.records import FastWeightsPublished, Interaction, Retraction
 from streams.swaps import Swapper
@@ -62,6 +65,7 @@ def install(
     """Register the agent's three Faust agents on ``app``."""
     thread = EngineThread()
     loader = ScopeLoader(settings)
+    check = SkipCheck(app, settings.bootstrap, "agent", [INTERACTIONS])
     turns_dlq = dlq.claim(topics.interactions.get_topic_name())
     weights_dlq = dlq.claim(topics.fast_weights.get_topic_name())
     retractions_dlq = dlq.claim(topics.retractions.get_topic_name())
@@ -75,14 +79,11 @@ def install(
             consumed.inc(len(events))  # once a batch: a labelled inc costs ~2 us an event
             for ev in events:
                 msg = ev.message
+                for r in await check.skipped(msg.topic, msg.partition, msg.offset):
+                    skipped = await turns_dlq.decode_record(r, Interaction)
+                    _keep(turns, skipped, r.partition, r.offset, r.timestamp / 1000.0)
                 event = await turns_dlq.decode_event(ev, Interaction)
-                if event is None:
-                    continue
-                turn = Turn(event, msg.partition, msg.offset, msg.timestamp)
-                # An old turn of a scope not in memory: nothing to do now; the loader
-                # reads it back from the topic if the scope speaks again.
-                if not (turn.stale and not engine.loaded(event.scope_id)):
-                    turns.append(turn)
+                _keep(turns, event, msg.partition, msg.offset, msg.timestamp)
             if not turns:
                 continue
             t_taken = time.time()
@@ -103,6 +104,17 @@ def install(
                 )
                 metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
             metrics.REPLIES.inc(len(replies))
+
+    def _keep(
+        turns: list[Turn], event: Interaction | None, partition: int, offset: int, ts: float
+    ) -> None:
+        if event is None:
+            return
+        turn = Turn(event, partition, offset, ts)
+        # An old turn of a scope not in memory: nothing to do now; the loader reads it
+        # back from the topic if the scope speaks again.
+        if not (turn.stale and not engine.loaded(event.scope_id)):
+            turns.append(turn)
 
     async def _load_missing(turns: list[Turn]) -> None:
         # The first offset of each scope in this batch: memory is rebuilt up to just before.

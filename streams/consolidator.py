@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from streams import metrics
+from streams.gaps import SkipCheck
 from streams.records import FastWeightsPublished, Interaction, SleepJob
 
 if TYPE_CHECKING:
@@ -217,6 +218,11 @@ def install(
                 job.reason,
             )
 
+    consumed = [topics.interactions, topics.fast_weights, topics.retractions]
+    check = SkipCheck(
+        app, settings.bootstrap, "consolidator", [t.get_topic_name() for t in consumed]
+    )
+
     def consumer(topic: faust.TopicT, kind: type, handle: Callable) -> None:
         policy = dlq.claim(topic.get_topic_name())
 
@@ -224,6 +230,10 @@ def install(
             async for ev in stream.events():
                 msg = ev.message
                 metrics.EVENTS.labels(role="consolidator", topic=msg.topic).inc()
+                for r in await check.skipped(msg.topic, msg.partition, msg.offset):
+                    skipped = await policy.decode_record(r, kind)
+                    if skipped is not None:
+                        await emit(handle(skipped, r.offset))
                 event = await policy.decode_event(ev, kind)
                 if event is not None:
                     await emit(handle(event, msg.offset))

@@ -25,6 +25,7 @@ from streams import metrics
 from streams.records import DeadLetter, Event, InvalidEvent, decode, now
 
 if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
     from faust.types import EventT
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,13 @@ class DeadLetterPolicy:
         return await self.decode(
             ev.value, kind, key=ev.key, topic=msg.topic, partition=msg.partition, offset=msg.offset
         )
+
+    async def decode_record(self, record: ConsumerRecord, kind: type[E]) -> E | None:
+        """:meth:`decode` for a record read with aiokafka (a read-back, streams/gaps.py)."""
+        return await self.decode(
+            record.value, kind, key=record.key, topic=record.topic,
+            partition=record.partition, offset=record.offset,
+        )  # fmt: skip
 
     async def divert(
         self,

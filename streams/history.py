@@ -353,10 +353,13 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
     import asyncio
 
     from consolidation.retraction_record import retracted_event_ids
+    from streams.gaps import SkipCheck
     from streams.records import Retraction
 
     retracted = RetractedEvents(lambda scope: retracted_event_ids(settings.tracking_uri, scope))
     files = asyncio.Lock()
+    sinks = [topics.interactions.get_topic_name(), topics.replies.get_topic_name()]
+    check = SkipCheck(app, settings.bootstrap, "history", sinks)
 
     def sink_agent(topic: faust.TopicT, kind: type[Interaction | Reply], name: str) -> None:
         sink = HistorySink(settings.history_dir, retracted)
@@ -369,6 +372,10 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
                 for ev in events:
                     msg = ev.message
                     metrics.EVENTS.labels(role="history", topic=msg.topic).inc()
+                    for r in await check.skipped(msg.topic, msg.partition, msg.offset):
+                        skipped = await policy.decode_record(r, kind)
+                        if skipped is not None:
+                            window_rows.append((skipped, r.topic, r.partition, r.offset))
                     event = await policy.decode_event(ev, kind)
                     if event is not None:
                         window_rows.append((event, msg.topic, msg.partition, msg.offset))

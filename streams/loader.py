@@ -13,11 +13,10 @@ import logging
 from functools import partial
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from infra.settings import Settings
 from infra.topics import INTERACTIONS, RETRACTIONS
 from streams.engine import ScopeSnapshot
+from streams.partition_reader import PartitionReader
 from streams.records import (
     Event,
     FastWeightsPublished,
@@ -37,8 +36,7 @@ E = TypeVar("E", bound=Event)
 class ScopeLoader:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._consumer: AIOKafkaConsumer | None = None
-        self._lock = asyncio.Lock()
+        self.reader = PartitionReader(settings.bootstrap)
 
     async def fetch_many(self, published: list[FastWeightsPublished]) -> list[Any | None]:
         """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
@@ -185,44 +183,15 @@ class ScopeLoader:
         kind: type[E],
     ) -> list[tuple[int, E]]:
         """Valid events of ``scopes`` with ``start <= offset < end`` (None: the end now)."""
-        tp = TopicPartition(topic, partition)
         out: list[tuple[int, E]] = []
-        async with self._lock:
-            consumer = await self._get_consumer()
-            consumer.assign([tp])
-            if end is None:
-                end = (await consumer.end_offsets([tp]))[tp]
-            consumer.seek(tp, start)
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                for record in batch.get(tp, []):
-                    if record.offset >= end:
-                        break
-                    key = record.key.decode("utf-8", "replace") if record.key else None
-                    if key not in scopes:
-                        continue
-                    try:
-                        event = decode(
-                            record.value, kind, max_text_bytes=self.settings.max_text_bytes
-                        )
-                    except InvalidEvent:
-                        continue  # already dead-lettered when it was first consumed
-                    if event.scope_id == key:
-                        out.append((record.offset, event))
+        for record in await self.reader.records(topic, partition, start, end, keys=scopes):
+            try:
+                event = decode(record.value, kind, max_text_bytes=self.settings.max_text_bytes)
+            except InvalidEvent:
+                continue  # already dead-lettered when it was first consumed
+            if event.scope_id == record.key.decode("utf-8", "replace"):
+                out.append((record.offset, event))
         return out
 
-    async def _get_consumer(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",  # below the log start (retention): from there
-            )
-            await self._consumer.start()
-        return self._consumer
-
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self.reader.close()

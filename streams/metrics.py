@@ -22,6 +22,11 @@ DEAD_LETTERS = Counter(
 CONSUMER_LAG = Gauge(
     "somna_consumer_lag", "Messages behind the end of the partition.", ["topic", "partition"]
 )
+READ_BACK = Counter(
+    "somna_read_back_total",
+    "Records a role's consumer skipped and the role read back from the topic.",
+    ["role", "topic"],
+)
 SLEEP_JOBS = Counter("somna_sleep_jobs_emitted_total", "Sleep jobs emitted.", ["reason"])
 SWAPS = Counter("somna_fast_weight_swaps_total", "Fast-weight artifacts swapped in.", ["outcome"])
 HISTORY_ROWS = Counter("somna_history_rows_written_total", "Rows written to Parquet history.")

@@ -80,15 +80,6 @@ def test_disk_full(chaos_cluster: Cluster) -> None:
     _check(out, chaos_cluster)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent, Faust 0.15's rebalance recovery: it resumes the stream partitions, "
-    "then awaits the seek to the committed offsets, then empties the streams' queues; records "
-    "fetched during that await are dropped from the busy agent's queue unacked and counted as "
-    "a log gap, so the next commit skips them (14-31 of 120 turns without a reply). A "
-    "seek-first reordering made this scenario pass but made a restarted consolidator miss "
-    "records after its table restore, so it was taken out (see the issue-7 note).",
-)
 def test_kill_stream_worker(chaos_cluster: Cluster) -> None:
     out = scenarios.kill_stream_worker(chaos_cluster)
     _check(out, chaos_cluster)
