@@ -137,15 +137,16 @@ def install(
         started.append(time.time())  # when the engine thread took it: queue wait before
         return fn(*args)
 
-    last_slow_log = [0.0]
+    last_slow_log = 0.0
 
     def _log_if_slow(turns: list[Turn], taken: float, loaded: float, started: list[float]) -> None:
         # Only turns someone waits for; at most once a second (a backlog is slow throughout).
+        nonlocal last_slow_log
         done = time.time()
         asked = [t.produced_at for t in turns if t.wants_reply and t.produced_at]
-        if not asked or done - min(asked) < SLOW_BATCH_SECONDS or done - last_slow_log[0] < 1:
+        if not asked or done - min(asked) < SLOW_BATCH_SECONDS or done - last_slow_log < 1:
             return
-        last_slow_log[0] = done
+        last_slow_log = done
         oldest = min(asked)
         start = started[0] if started else loaded
         # benchmarks/swap.py: where a slow reply's time went, on the agent's side.
