@@ -20,6 +20,7 @@ class Bench(StrEnum):
     pipeline = "pipeline"
     swap = "swap"
     chaos = "chaos"
+    answer = "answer"
 
 
 MODULES = {
@@ -28,6 +29,7 @@ MODULES = {
     Bench.pipeline: "benchmarks.pipeline",
     Bench.swap: "benchmarks.swap",
     Bench.chaos: "benchmarks.chaos",
+    Bench.answer: "benchmarks.answer_batch",
 }
 
 

@@ -7,6 +7,7 @@ model (hybrid.py) can run a sequence in one go, token by token, or chunk by chun
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -108,14 +109,51 @@ class GatedDeltaNet(nn.Module):
 
 
 def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """Rotate pairs of channels of x ``(B, H, T, Dh)`` by position (rotate-half form)."""
+    """Rotate pairs of channels of x ``(B, H, T, Dh)`` by position (rotate-half form);
+    positions ``(T,)``, or ``(B, T)`` when each row is at its own position."""
     half = x.shape[-1] // 2
     # fp64 angles: a long-lived scope reaches positions where fp32 would lose the phase.
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
-    angles = positions.double()[:, None] * freqs[None, :]  # (T, half)
+    angles = positions.double()[..., None] * freqs  # (T, half) or (B, T, half)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, half): the same angle for every head
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class KVBuffer:
+    """The KV cache of one attention layer for the rows of a batched decode.
+
+    Rows have different histories, so their caches are left-padded to a common width;
+    all rows take the same number of tokens per step, so new keys go to the same columns
+    for every row and are written in place into spare capacity (no copy of the cache per
+    step). Column c holds a key of row b iff ``first[b] <= c < filled``.
+    """
+
+    k: Tensor | None  # (B, H, capacity, Dh), rotated keys; None: nothing cached yet
+    v: Tensor | None
+    filled: int  # columns in use
+    first: Tensor  # (B,) the first column that holds a key of the row
+
+    def make_room(self, k: Tensor, window: int) -> None:
+        """Room for the T new columns of ``k (B, H, T, Dh)``: when full, keep only the
+        last window - 1 columns (older keys are out of every later token's window)."""
+        T = k.shape[2]
+        if self.k is not None and self.filled + T <= self.k.shape[2]:
+            return
+        keep = min(self.filled, window - 1)
+        start = self.filled - keep
+        spare = max(T, 16)  # decode steps before the next copy: wider costs attention time
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], spare, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), k.new_zeros(shape)
+        else:
+            self.k = F.pad(self.k[:, :, start : self.filled], (0, 0, 0, spare))
+            self.v = F.pad(self.v[:, :, start : self.filled], (0, 0, 0, spare))
+        self.first = (self.first - start).clamp(min=0)
+        self.filled = keep
 
 
 class SlidingWindowAttention(nn.Module):
@@ -151,6 +189,28 @@ class SlidingWindowAttention(nn.Module):
         start = max(0, k.shape[2] - (W - 1))  # the next token sees at most W - 1 earlier ones
         new_cache = (k[:, :, start:], v[:, :, start:])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh)), new_cache
+
+    def step(self, x: Tensor, buf: KVBuffer, pos: Tensor) -> Tensor:
+        """``forward`` for the rows of a batched decode: x ``(B, T, D)``, row b at positions
+        pos[b]..pos[b]+T-1, its earlier keys in ``buf`` (updated in place). Returns y."""
+        B, T, _ = x.shape
+        H, Dh, W = self.cfg.n_heads, self.cfg.head_dim, self.cfg.window
+        q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        cols = torch.arange(T, device=x.device)
+        qpos = pos.to(x.device)[:, None] + cols  # (B, T)
+        q, k = rope(q, qpos, self.cfg.rope_base), rope(k, qpos, self.cfg.rope_base)
+        buf.make_room(k, W)
+        assert buf.k is not None and buf.v is not None
+        end = buf.filled + T
+        buf.k[:, :, buf.filled : end] = k.to(buf.k.dtype)
+        buf.v[:, :, buf.filled : end] = v.to(buf.v.dtype)
+        buf.filled = end
+        col = torch.arange(end, device=x.device)
+        delta = qpos[:, :, None] - (qpos[:, -1:, None] + 1 - end + col)  # qpos - kpos
+        mask = (delta >= 0) & (delta < W) & (col >= buf.first.to(x.device)[:, None, None])
+        keys, values = buf.k[:, :, :end].to(q.dtype), buf.v[:, :, :end].to(v.dtype)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 
 
 class Block(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model.blocks import Block, RMSNorm
+from model.blocks import Block, KVBuffer, RMSNorm
 from model.config import HybridConfig
 from model.exceptions import (
     DuplicateEventError,
@@ -28,7 +28,7 @@ from model.exceptions import (
     StateMismatchError,
     WatermarkError,
 )
-from model.state import NO_WATERMARK, MemoryState, PendingEvent
+from model.state import NO_WATERMARK, DecodeRows, MemoryState, PendingEvent
 from model.tokenizer import EOT
 
 TokensLike = Tensor | Sequence[int]
@@ -69,13 +69,14 @@ class HybridLM(nn.Module):
         S: list[Tensor],
         conv: list[Tensor | None],
         kv: list[tuple[Tensor, Tensor] | None],
-        pos: int,
+        pos: int | Tensor,
         lengths: Tensor | None = None,
         logits: bool = True,
     ) -> tuple[Tensor | None, list[Tensor], list[Tensor | None], list]:
         """Run the blocks over tokens ``(B, T)``; returns (logits or None, S, conv, kv).
 
-        With ``logits=False`` (a sleep pass) it stops after the last GDN layer."""
+        With ``logits=False`` (a sleep pass) it stops after the last GDN layer. Rows of a
+        batched decode pass ``pos`` per row ``(B,)`` and ``KVBuffer``s, updated in place."""
         gdn = self.config.gdn_layers
         new_S: list[Tensor] = []
         new_conv: list[Tensor | None] = []
@@ -93,7 +94,11 @@ class HybridLM(nn.Module):
                 if not logits and i == gdn[-1]:
                     return None, new_S, new_conv, new_kv
             else:
-                y, c = block.mixer(h, kv[len(new_kv)], pos)
+                c = kv[len(new_kv)]
+                if isinstance(c, KVBuffer):
+                    y = block.mixer.step(h, c, pos)
+                else:
+                    y, c = block.mixer(h, c, pos)
                 new_kv.append(c)
             x = x + y
             x = x + block.mlp(block.norm2(x))
@@ -279,17 +284,67 @@ class HybridLM(nn.Module):
         tokens = self._tokens(prompt_ids, what="prompt")
         if tokens.shape[0] != 1:
             raise InputError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
-        state = state.clone() if state is not None else self.init_state(1)
-        logits, state = self.wake(tokens, state)
-        out: list[int] = []
+        return self.generate_batch([tokens[0]], [state], max_new_tokens, stop_ids)[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        prompts: Sequence[TokensLike],
+        states: Sequence[MemoryState | None],
+        max_new_tokens: int = 64,
+        stop_ids: Sequence[int] = (EOT,),
+    ) -> list[list[int]]:
+        """``generate`` for several scopes in one batched decode: prompt i from state i.
+
+        The states are single-scope and may differ in everything (position, KV length,
+        conv cache, S); none is modified. Prompts of the same length are woken together,
+        then every step decodes one token for all rows still going: each row at its own
+        position, attending to its own left-padded KV. A row that stops (stop token or
+        ``max_new_tokens``) leaves the batch. Returns the replies in the order given.
+        """
+        if len(prompts) != len(states):
+            raise InputError(f"got {len(prompts)} prompts for {len(states)} states")
+        toks = []
+        for p in prompts:
+            t = self._tokens(p, what="prompt")
+            if t.shape[0] != 1:
+                raise InputError(f"each prompt is one sequence, got a batch of {t.shape[0]}")
+            toks.append(t)
+        given = [self.init_state(1) if s is None else s for s in states]
+        for s in given:
+            self._check_state(s, 1)
+        out: list[list[int]] = [[] for _ in toks]
+        if not toks or max_new_tokens < 1:
+            return out
+        by_len: dict[int, list[int]] = {}
+        for i, t in enumerate(toks):
+            by_len.setdefault(t.shape[1], []).append(i)
+        parts, last = [], []
+        for rows in by_len.values():
+            part = DecodeRows.of([given[i] for i in rows], rows, self.device)
+            last.append(self._decode_step(part, torch.cat([toks[i] for i in rows]))[:, -1])
+            parts.append(part)
+        batch, logits = DecodeRows.cat(parts), torch.cat(last)
         stops = set(int(s) for s in stop_ids)
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt in stops:
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1).tolist()
+            keep = [i for i, t in enumerate(nxt) if t not in stops]
+            for i in keep:
+                out[batch.rows[i]].append(nxt[i])
+            if not keep or step == max_new_tokens - 1:
                 break
-            out.append(nxt)
-            logits, state = self.wake([nxt], state)
+            if len(keep) < len(nxt):
+                batch = batch.select(keep)
+            ids = torch.tensor([nxt[i] for i in keep], device=self.device)[:, None]
+            logits = self._decode_step(batch, ids)[:, -1]
         return out
+
+    def _decode_step(self, rows: DecodeRows, tokens: Tensor) -> Tensor:
+        """Wake ``tokens (B, T)`` into the rows (in place) -> logits ``(B, T, V)``."""
+        logits, rows.S, rows.conv, _ = self._stack(tokens, rows.S, rows.conv, rows.kv, rows.pos)
+        rows.pos = rows.pos + tokens.shape[1]
+        assert logits is not None
+        return logits
 
     def forward_train(
         self,

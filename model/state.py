@@ -10,6 +10,8 @@
 
 Invariant (no gap): the scope's history = events <= watermark (in base_S) + pending.
 A state is batched over B scopes (sleep workers stack many); agents hold B = 1.
+``DecodeRows`` batches B = 1 states of different lengths (positions, KV caches) for one
+greedy decode of their replies (``HybridLM.generate_batch``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from model.blocks import KVBuffer
 from model.config import HybridConfig
 from model.exceptions import InputError, StateMismatchError
 
@@ -219,3 +223,109 @@ class MemoryState:
             raise InputError(
                 f"MemoryState.{what} needs a single-scope state, this one has B={self.batch}; split() it first"
             )
+
+
+@dataclass
+class DecodeRows:
+    """The running memory of several single-scope states, batched for a greedy decode.
+
+    Unlike a ``MemoryState`` batch, each row keeps its own position and its own KV length
+    (``KVBuffer``: left-padded, written in place). Only what decoding reads is kept (no
+    base S, no pending events): replies are never remembered.
+    """
+
+    rows: list[int]  # each row's index in the caller's list
+    S: list[Tensor]  # (B, H, K, V) per GDN layer
+    conv: list[Tensor | None]  # (B, C, size - 1) per GDN layer; None: all rows at start
+    kv: list[KVBuffer]  # per attention layer
+    pos: Tensor  # (B,) each row's next position
+
+    @classmethod
+    def of(cls, states: list[MemoryState], rows: list[int], device: torch.device) -> DecodeRows:
+        """Rows from single-scope states (copied; the states are left alone)."""
+        parts = []
+        for state, row in zip(states, rows, strict=True):
+            if state.batch != 1:
+                raise InputError(f"a decode row needs a single-scope state, got B={state.batch}")
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            parts.append(
+                cls(
+                    rows=[row],
+                    S=list(state.S),
+                    conv=list(state.conv),
+                    kv=[
+                        KVBuffer(None, None, 0, zero)
+                        if c is None or not c[0].shape[2]
+                        else KVBuffer(c[0], c[1], c[0].shape[2], zero)
+                        for c in state.kv
+                    ],
+                    pos=torch.tensor([state.pos], device=device),
+                )
+            )
+        return cls.cat(parts)
+
+    @classmethod
+    def cat(cls, parts: list[DecodeRows]) -> DecodeRows:
+        """Rows of all parts in order (new tensors); conv caches a row has not started yet
+        become zeros (what the conv pads with), KV caches are left-padded to the widest."""
+        if not parts:
+            raise InputError("DecodeRows.cat needs at least one part")
+        sizes = [len(p.rows) for p in parts]
+        conv = [_cat_or_none([p.conv[j] for p in parts], sizes) for j in range(len(parts[0].conv))]
+        return cls(
+            rows=[r for p in parts for r in p.rows],
+            S=[torch.cat([p.S[j] for p in parts]) for j in range(len(parts[0].S))],
+            conv=conv,
+            kv=[_cat_kv([p.kv[a] for p in parts], sizes) for a in range(len(parts[0].kv))],
+            pos=torch.cat([p.pos for p in parts]),
+        )
+
+    def select(self, keep: list[int]) -> DecodeRows:
+        """Only the rows at batch indices ``keep`` (rows that stopped leave the batch)."""
+        idx = torch.tensor(keep, device=self.pos.device)
+        return DecodeRows(
+            rows=[self.rows[i] for i in keep],
+            S=[s[idx] for s in self.S],
+            conv=[None if c is None else c[idx] for c in self.conv],
+            kv=[
+                KVBuffer(
+                    None if b.k is None else b.k[idx],
+                    None if b.v is None else b.v[idx],
+                    b.filled,
+                    b.first[idx],
+                )
+                for b in self.kv
+            ],
+            pos=self.pos[idx],
+        )
+
+
+def _cat_or_none(tensors: list[Tensor | None], sizes: list[int]) -> Tensor | None:
+    """Concatenate along the batch; a None part (a cache not started) becomes zeros."""
+    like = next((t for t in tensors if t is not None), None)
+    if like is None:
+        return None
+    return torch.cat(
+        [
+            t if t is not None else like.new_zeros((n, *like.shape[1:]))
+            for t, n in zip(tensors, sizes, strict=True)
+        ]
+    )
+
+
+def _cat_kv(bufs: list[KVBuffer], sizes: list[int]) -> KVBuffer:
+    """One buffer for the rows of all; each part left-padded to the widest (its ``first``
+    moves right by the padding, so padded columns are never attended)."""
+    width = max(b.filled for b in bufs)
+    first = torch.cat([b.first + (width - b.filled) for b in bufs])
+    like = next((b for b in bufs if b.k is not None and b.filled), None)
+    if like is None or like.k is None or like.v is None:
+        return KVBuffer(None, None, 0, first.clamp(max=0))
+    ks, vs = [], []
+    for b, n in zip(bufs, sizes, strict=True):
+        for t, out, ref in ((b.k, ks, like.k), (b.v, vs, like.v)):
+            if t is None:
+                out.append(ref.new_zeros((n, ref.shape[1], width, ref.shape[3])))
+            else:
+                out.append(F.pad(t[:, :, : b.filled], (0, 0, width - b.filled, 0)))
+    return KVBuffer(torch.cat(ks), torch.cat(vs), width, first)

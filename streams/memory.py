@@ -3,8 +3,8 @@
 A scope's live memory is a B = 1 ``MemoryState``: fast weights S consolidated up to a
 watermark W, plus the events after W (pending, in the KV) woken with their Kafka offsets.
 - a turn: wake its ``render_turn`` tokens at its offset (contract 2: every interaction is
-  remembered); a user turn is then answered by ``generate`` from ``<assistant>`` on a copy,
-  so the generated reply is never remembered;
+  remembered); a user turn is then answered from ``<assistant>`` on a copy (batched over
+  the scopes of the engine call, see below), so the generated reply is never remembered;
 - a fast-weights swap: ``lm.swap_in`` keeps S' and drops only pending events at or below
   W' (invariant 1); a refused or stale artifact leaves the previous version serving. An
   accepted swap is staged and applied when the scope is next used: swap_in re-wakes the
@@ -18,10 +18,15 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
 - eviction: least recently used scopes leave memory; they come back from the registry's
   live fast weights plus the events after its watermark (``streams/loader.py``).
 
-Why turns are woken one scope at a time: a MemoryState batch shares one position counter
-and its KV caches have one length, so scopes with different histories cannot share a
-forward without padding the caches; with B = 1 per scope the wake is exact. The agent's
-micro-batching is at the Kafka level (``take_events``): one engine call per batch.
+Turns are woken one scope at a time, in order: a scope's wake is exact with B = 1 and
+costs one forward per turn. The replies, where the time goes (``max_new_tokens`` decode
+steps each), are generated for all user turns of a batch at once by ``generate_batch``:
+one decode step for every scope, each row at its own position with its own (left-padded)
+KV cache, so 100 scopes speaking at once cost a few times what one does, not a hundred
+times (``somna bench answer``); the B = 1 wakes are then most of a large batch's time. A
+scope with two user turns in a batch answers each from its state right after that turn's
+wake. The agent's micro-batching is at the Kafka level (``take_events``): one engine
+call per batch.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class ModelEngine:
     def answer(self, turns: list[Turn]) -> list[Reply]:
         from model.tokenizer import render_turn
 
-        replies = []
+        asks = []  # (turn, prompt, state to answer from, fast-weights version), in order
         for turn in turns:
             mem = self._touch(turn)
             tokens = render_turn(turn.event.role, turn.event.text)
@@ -171,12 +176,20 @@ class ModelEngine:
             if turn.wants_reply:
                 # A redelivered turn is in memory already, maybe not last: ask it again.
                 prompt = self._assistant if fresh else tokens + self._assistant
-                ids = self.lm.generate(prompt, mem.state, max_new_tokens=self.max_new_tokens)
-                text = self._tok.decode(ids)
-                replies.append(
-                    make_reply(turn, text, self.base_model_version, mem.fast_weights_version)
-                )
-        return replies
+                # wake/swap_in return new states, so this reference stays the state right
+                # after this turn even if a later turn of the batch moves the scope on.
+                asks.append((turn, prompt, mem.state, mem.fast_weights_version))
+        if not asks:
+            return []
+        replies = self.lm.generate_batch(
+            [prompt for _, prompt, _, _ in asks],
+            [state for _, _, state, _ in asks],
+            max_new_tokens=self.max_new_tokens,
+        )
+        return [
+            make_reply(turn, self._tok.decode(ids), self.base_model_version, version)
+            for (turn, _, _, version), ids in zip(asks, replies, strict=True)
+        ]
 
     def _touch(self, turn: Turn) -> ScopeMemory:
         scope_id = turn.event.scope_id

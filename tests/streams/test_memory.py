@@ -7,7 +7,7 @@ import torch
 
 from consolidation.fast_weights import FastWeights
 from model import HybridConfig, HybridLM
-from model.tokenizer import render_turn
+from model.tokenizer import ASSISTANT, render_turn
 from streams.engine import ScopeSnapshot, Turn
 from streams.memory import ModelEngine
 from streams.records import FastWeightsPublished, Interaction, Retraction, reply_id_for
@@ -175,3 +175,32 @@ def test_swaps_are_applied_at_the_next_turn_newest_first_without_a_gap(lm):
     mem = engine.memory("u1")
     assert mem.state.watermark == 3
     assert [e.offset for e in mem.state.pending_events] == [4, 5]  # no gap (invariant 1)
+
+
+def test_a_batch_answers_each_user_turn_from_its_own_moment(lm):
+    # Full-size random weights, so a reply depends on what the scope has seen.
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+    turns = [
+        _turn(0, scope="a"),
+        _turn(1, role="user", scope="a"),
+        _turn(2, role="user", scope="b"),
+        _turn(3, scope="a"),
+        _turn(4, role="user", scope="a"),  # a's second question, after one more fact
+        _turn(5, role="user", scope="c"),
+    ]
+    batched = ModelEngine(lm, base_model_version="7", max_new_tokens=8)
+    replies = batched.answer(turns)
+    one_by_one = ModelEngine(lm, base_model_version="7", max_new_tokens=8)
+    expected = [r for t in turns for r in one_by_one.answer([t])]
+    assert [r.event_id for r in replies] == ["e1", "e2", "e4", "e5"]
+    assert [r.text for r in replies] == [r.text for r in expected]
+    assert replies[0].text != replies[2].text  # a's first reply is not from its later state
+    assert [e.offset for e in batched.memory("a").state.pending_events] == [0, 1, 3, 4]
+    # A redelivered user turn in the batch is asked again with its tokens, beside new ones.
+    again = batched.answer([_turn(1, role="user", scope="a"), _turn(6, role="user", scope="b")])
+    state = batched.memory("a").state
+    prompt = render_turn("user", "fact 1.") + [ASSISTANT]
+    assert again[0].text == batched._tok.decode(lm.generate(prompt, state, max_new_tokens=8))
+    assert len(batched.memory("a").state.pending_events) == 4
