@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from consolidation import fast_weights, metrics, retraction_record
+from consolidation import blobs, fast_weights, metrics, retraction_record
 from consolidation.base_model import BaseModel, ensure_base_model
 from consolidation.batch import run_batch
 from consolidation.planner import Plan, plan_rebuild, stable_id
@@ -56,9 +56,12 @@ async def _execute(
 ) -> FastWeightsPublished | None:
     if plan.task is None:
         return plan.done
+    # A local copy of the artifact, as a sleep batch keeps: the agent swaps it without a
+    # download (it still checks the registry and the sha256).
     published, _ = await asyncio.to_thread(
         run_batch, settings.tracking_uri, base, [plan.task],
         passes=settings.sleep_passes, device=device, run_name=plan.outcome,
+        blob_root=blobs.root(settings.data_dir),
     )  # fmt: skip
     return published[0]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from consolidation import fast_weights, fast_weights_load, retraction_record
+from consolidation import blobs, fast_weights, fast_weights_load, retraction_record
 from consolidation.batch import SleepTask, run_batch, sleep_states
 from consolidation.planner import _chunks, plan_job
 from consolidation.retraction import UNKNOWN_EVENT, apply, rebuild_async
@@ -99,6 +99,8 @@ def test_retraction_purges_and_rebuilds_from_the_version_before(three_versions, 
     expected = _replay(settings, base_model, scope, v1, 2, 5, {event})
     assert _same(_weights(settings, pub, scope), expected)
     assert not _same(_weights(settings, pub, scope), _weights(settings, v3, scope))
+    # The rebuilt artifact is kept locally too, so the agent swaps it without a download.
+    assert blobs.find(blobs.root(settings.data_dir), pub.sha256) is not None
     # A retried retraction finds its version.
     again = asyncio.run(apply(settings, base_model, scope, event, "wrong fact"))
     assert again.outcome == "retried" and again.published == pub
