@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     agent_max_scopes: int = Field(default=1024, ge=1)
     # Consumer group of `somna worker stream` (None: derived from its roles).
     stream_group: str | None = None
+    # A stable name of this stream worker in its group (Kafka static membership): restarted
+    # under the same name it takes its partitions back at once, instead of after the
+    # session timeout. Each worker of a group needs its own; None: dynamic membership.
+    stream_instance_id: str | None = None
     # CPU scheduling of the sleep worker. "idle": SCHED_IDLE and one torch thread, so that
     # it only gets CPU time nothing else wants and sleeping beside an agent does not slow
     # its turns; "normal": as started; "auto": "idle" when sleep runs on the CPU.

@@ -8,9 +8,11 @@ reverse order, so that workers commit their offsets while the broker is still th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +71,14 @@ class Services:
             SOMNA_MLFLOW_URI=self.tracking_uri,
             SOMNA_DATA_DIR=str(settings.data_dir.resolve()),
             SOMNA_PARTITIONS=str(settings.partitions),
+        )
+        # Static group membership for our one stream worker: restarted after a crash it
+        # takes its partitions back at once (no wait for the session timeout). Stable per
+        # host and data dir, so the next `somna up` here takes over the same way.
+        where = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+        env.setdefault(
+            "SOMNA_STREAM_INSTANCE_ID",
+            "stream-" + hashlib.sha256(where.encode()).hexdigest()[:12],
         )
         return env
 

@@ -55,6 +55,7 @@ def create_app(settings: Settings, *, app_id: str = GROUP_PREFIX) -> faust.App:
         # the model works, since torch runs off the event loop (see streams/agent.py).
         broker_session_timeout=20.0,
         broker_heartbeat_interval=3.0,
+        consumer_group_instance_id=settings.stream_instance_id,
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
