@@ -7,7 +7,10 @@ sequential vs batched in the same run:
   ``lm.generate`` (a batch of one), vs one ``lm.generate_batch`` over all scopes, from
   ``<assistant>``, 32 new tokens at most;
 - engine: ``ModelEngine.answer`` called once per turn (each reply decoded alone) vs once
-  for the whole batch (every turn woken into its scope, all replies in one batched decode).
+  for the whole batch (the turns woken in rounds of one batched wake, all replies in one
+  batched decode), for three batches: a question per scope (user), a fact per scope
+  (system: wake only, what most of `somna bench swap` sends), a fact each and a question
+  from every other scope (mixed). Replies and the memories left must be the same.
 Both sides must give the same replies (checked, reported). Best of a few repeats, wall
 and process CPU time; the load average is recorded with the figures (a shared CPU).
 """
@@ -34,6 +37,14 @@ CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "checkpoints" / "fa
 FULL = {"scopes": [1, 10, 100], "repeats": 3}
 QUICK = {"scopes": [1, 10], "repeats": 2}
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
+QUESTION = "who does alice report to?"
+# The turns each scope sends in one batch, by kind: a question (woken, then answered); a
+# fact (a system turn: woken, not answered); mixed: a fact, then every other scope asks.
+KINDS = {
+    "user": lambda i: [("user", QUESTION)],
+    "system": lambda i: [("system", _fact(i, 9))],
+    "mixed": lambda i: [("system", _fact(i, 8))] + ([("user", QUESTION)] if i % 2 else []),
+}
 
 
 def _turn(scope: str, offset: int, role: str, text: str) -> Turn:
@@ -89,22 +100,34 @@ def _measure(lm: HybridLM, n: int, repeats: int) -> dict[str, Any]:
     old = _timed(lambda: [_wake_loop(lm, p, s) for p, s in zip(prompts, states, strict=True)], repeats)  # fmt: skip
     seq = _timed(lambda: [lm.generate(p, s, MAX_NEW_TOKENS) for p, s in zip(prompts, states, strict=True)], repeats)  # fmt: skip
     bat = _timed(lambda: lm.generate_batch(prompts, states, MAX_NEW_TOKENS), repeats)
-    # Engine level: each run answers one new question per scope (woken, then answered).
+    # Engine level, three kinds of batch, each engine call once per turn vs once per batch
+    # (the same two engines throughout: every run adds turns to every scope).
     engines = {"sequential": engine, "batched": _engine(lm, n)}
     offsets = {"sequential": 100, "batched": 100}
 
-    def answer(which: str) -> list[str]:
-        offsets[which] += 1
-        turns = [_turn(f"s{i}", offsets[which], "user", "who does alice report to?") for i in range(n)]  # fmt: skip
+    def answer(which: str, kind: str) -> list[str]:
+        turns = []
+        for i in range(n):
+            for role, text in KINDS[kind](i):
+                offsets[which] += 1
+                turns.append(_turn(f"s{i}", offsets[which], role, text))
         e = engines[which]
         if which == "sequential":
             return [r.text for t in turns for r in e.answer([t])]
         return [r.text for r in e.answer(turns)]
 
-    eng_seq = _timed(lambda: answer("sequential"), repeats)
-    eng_bat = _timed(lambda: answer("batched"), repeats)
+    row: dict[str, Any] = {"scopes": n}
+    for kind in KINDS:
+        eng_seq = _timed(lambda k=kind: answer("sequential", k), repeats)
+        eng_bat = _timed(lambda k=kind: answer("batched", k), repeats)
+        row[f"engine_{kind}_sequential_ms"] = eng_seq[0] * 1e3
+        row[f"engine_{kind}_batched_ms"] = eng_bat[0] * 1e3
+        row[f"engine_{kind}_batched_cpu_ms"] = eng_bat[1] * 1e3
+        row[f"engine_{kind}_same_replies"] = eng_seq[2] == eng_bat[2]
+    mems = [(engines[w].memory(f"s{i}").state for w in engines) for i in range(n)]
+    row["engine_same_memory"] = all(a.pending == b.pending and a.pos == b.pos for a, b in mems)
     return {
-        "scopes": n,
+        **row,
         "decode_wake_loop_ms": old[0] * 1e3,
         "decode_sequential_ms": seq[0] * 1e3,
         "decode_batched_ms": bat[0] * 1e3,
@@ -112,11 +135,6 @@ def _measure(lm: HybridLM, n: int, repeats: int) -> dict[str, Any]:
         "decode_batched_cpu_ms": bat[1] * 1e3,
         "decode_same_replies": old[2] == seq[2] == bat[2],
         "tokens_generated": sum(len(r) for r in bat[2]),
-        "engine_sequential_ms": eng_seq[0] * 1e3,
-        "engine_batched_ms": eng_bat[0] * 1e3,
-        "engine_sequential_cpu_ms": eng_seq[1] * 1e3,
-        "engine_batched_cpu_ms": eng_bat[1] * 1e3,
-        "engine_same_replies": eng_seq[2] == eng_bat[2],
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -147,9 +165,11 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict[str, Any]:
     }
     table = Table(title=f"Answering a micro-batch, {CHECKPOINT.name} on {result['device']}")
     for col in ["scopes", "tokens", "wake loop ms", "generate seq ms", "decode batched ms", "speedup",
-                "engine seq ms", "engine batched ms", "speedup", "same replies", "load 1m"]:  # fmt: skip
+                *(f"{k} seq / batched ms" for k in KINDS), "same", "load 1m"]:  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
+        same = r["decode_same_replies"] and r["engine_same_memory"]
+        same = same and all(r[f"engine_{k}_same_replies"] for k in KINDS)
         table.add_row(
             str(r["scopes"]),
             str(r["tokens_generated"]),
@@ -157,17 +177,20 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict[str, Any]:
             f"{r['decode_sequential_ms']:.1f}",
             f"{r['decode_batched_ms']:.1f}",
             f"{r['decode_sequential_ms'] / r['decode_batched_ms']:.1f}x",
-            f"{r['engine_sequential_ms']:.1f}",
-            f"{r['engine_batched_ms']:.1f}",
-            f"{r['engine_sequential_ms'] / r['engine_batched_ms']:.1f}x",
-            "yes" if r["decode_same_replies"] and r["engine_same_replies"] else "NO",
+            *(
+                f"{r[f'engine_{k}_sequential_ms']:.0f} / {r[f'engine_{k}_batched_ms']:.1f}"
+                for k in KINDS
+            ),
+            "yes" if same else "NO",
             f"{r['load_avg_1m']:.2f}",
         )
     console.print(table)
     console.print(
         "decode: the old wake-per-token loop and generate, per scope, vs one generate_batch "
         "(speedup: generate seq / batched); engine: ModelEngine.answer per turn vs per batch "
-        "(wakes included); best wall time of the repeats"
+        "(wakes included) for a batch of one question per scope (user), one fact per scope "
+        "(system: wake only), a fact each and a question from every other scope (mixed); "
+        "best wall time of the repeats"
     )
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -46,15 +46,24 @@ class ShortConv(nn.Module):
         self.size = size
         self.weight = nn.Parameter(torch.randn(channels, 1, size) / math.sqrt(size))
 
-    def forward(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
-        # x: (B, T, C); cache: (B, C, size - 1) or None (zeros: the start of a sequence)
+    def forward(
+        self, x: Tensor, cache: Tensor | None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        # x: (B, T, C); cache: (B, C, size - 1) or None (zeros: the start of a sequence).
+        # Right-padded rows (``lengths``): the new cache is each row's last size - 1 valid
+        # inputs (the conv is causal, so padding never reaches a valid output).
         xt = x.transpose(1, 2)
         if cache is None:
             xp = F.pad(xt, (self.size - 1, 0))
         else:
             xp = torch.cat([cache.to(xt.dtype), xt], dim=-1)
         y = F.conv1d(xp, self.weight.to(xt.dtype), groups=xt.shape[1])
-        return F.silu(y).transpose(1, 2), xp[..., xp.shape[-1] - (self.size - 1) :]
+        if lengths is None:
+            new_cache = xp[..., xp.shape[-1] - (self.size - 1) :]
+        else:
+            cols = lengths.to(xp.device)[:, None] + torch.arange(self.size - 1, device=xp.device)
+            new_cache = xp.gather(-1, cols[:, None].expand(-1, xp.shape[1], -1))
+        return F.silu(y).transpose(1, 2), new_cache
 
 
 class GatedDeltaNet(nn.Module):
@@ -89,7 +98,7 @@ class GatedDeltaNet(nn.Module):
         qkv = self.qkv(x)
         new_cache = None
         if self.conv is not None:
-            qkv, new_cache = self.conv(qkv, conv_cache)
+            qkv, new_cache = self.conv(qkv, conv_cache, lengths)
         q, k, v = qkv.view(B, T, 3, H, Dh).unbind(2)  # each (B, T, H, Dh)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
         beta = torch.sigmoid(self.b_proj(x))

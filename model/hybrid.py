@@ -1,6 +1,8 @@
 """``HybridLM``: the GDN / sliding-window-attention hybrid with wake and (batched) sleep.
 
     wake   one ordinary pass over new tokens: advances the running S, conv and KV caches
+           (``wake_batch``: the same for many single-scope states at once, ragged rows;
+           ``rebuild_states`` / ``swap_in_batch`` are built on it)
     sleep  offline recurrence over a chunk: N passes of the block stack, each starting from
            the S the previous pass ended with (pass 1 starts from the consolidated S), hidden
            states thrown away; the chunk's KV is evicted (the result has no KV)
@@ -32,6 +34,8 @@ from model.state import NO_WATERMARK, DecodeRows, MemoryState, PendingEvent
 from model.tokenizer import EOT
 
 TokensLike = Tensor | Sequence[int]
+# Attention elements (queries x keys x rows) one piece of a batched wake may take.
+WAKE_BUDGET = 1 << 22
 
 
 class HybridLM(nn.Module):
@@ -172,6 +176,114 @@ class HybridLM(nn.Module):
         return logits, new
 
     @torch.no_grad()
+    def wake_batch(
+        self,
+        tokens: Sequence[TokensLike],
+        states: Sequence[MemoryState],
+        offsets: Sequence[int | None] | None = None,
+    ) -> tuple[Tensor, list[MemoryState]]:
+        """``wake`` for several scopes in one batched pass: tokens i into state i.
+
+        The states are single-scope and may differ in everything (position, KV length,
+        conv cache, S); each row takes its own number of tokens (right-padded: padding never
+        touches S, the conv cache or the KV a row keeps). Returns the logits of each row's
+        last token ``(B, V)`` and the new states, the same as ``wake(tokens[i], states[i],
+        offset=offsets[i])`` one at a time; none of the given states is modified. A
+        redelivered offset raises ``DuplicateEventError`` before anything is woken.
+        ``wake`` stays the B = 1 path: building the ragged rows costs more than one row needs.
+        """
+        offsets = [None] * len(tokens) if offsets is None else list(offsets)
+        if not (len(tokens) == len(states) == len(offsets)):
+            raise InputError(
+                f"got {len(tokens)} token rows, {len(states)} states, {len(offsets)} offsets"
+            )
+        toks = []
+        for t in tokens:
+            t = self._tokens(t)
+            if t.shape[0] != 1:
+                raise InputError(f"each row is one sequence, got a batch of {t.shape[0]}")
+            toks.append(t[0])
+        pending, config_hash = [], self.config.config_hash()
+        for state, offset, t in zip(states, offsets, toks, strict=True):
+            self._check_state(state, 1, config_hash)
+            events = list(state.pending[0])
+            if offset is not None:
+                last = events[-1].offset if events else state.watermarks[0]
+                if offset <= last:
+                    raise DuplicateEventError(
+                        f"event offset {offset} is not after the last one recorded ({last})"
+                    )
+                events.append(PendingEvent(int(offset), tuple(t.tolist())))
+            pending.append(events)
+        n = len(toks)
+        out: list[MemoryState | None] = [None] * n
+        last_logits: list[Tensor | None] = [None] * n
+        if not n:
+            return torch.empty(0, self.config.vocab_size, device=self.device), []
+        rows = DecodeRows.of(list(states), list(range(n)), self.device)
+        done = [0] * n  # tokens of each row woken so far
+        # Long rows go in pieces: attention costs B x T x (T + window) per piece.
+        piece_len = max(self.config.window, int((WAKE_BUDGET / n) ** 0.5))
+        while rows.rows:
+            left = [len(toks[r]) - done[r] for r in rows.rows]
+            T = min(piece_len, max(left))
+            ln = [min(x, T) for x in left]
+            piece = torch.zeros(len(rows.rows), T, dtype=torch.long, device=self.device)
+            for i, r in enumerate(rows.rows):
+                piece[i, : ln[i]] = toks[r][done[r] : done[r] + ln[i]]
+            lengths = None if min(ln) == T else torch.tensor(ln, device=self.device)
+            logits, rows.S, rows.conv, _ = self._stack(
+                piece, rows.S, rows.conv, rows.kv, rows.pos, lengths
+            )
+            assert logits is not None
+            rows.pos = rows.pos + T
+            keep = []
+            for i, r in enumerate(rows.rows):
+                done[r] += ln[i]
+                if done[r] < len(toks[r]):
+                    keep.append(i)
+                    continue
+                last_logits[r] = logits[i, ln[i] - 1]
+                out[r] = self._row_state(rows, i, T - ln[i], states[r], pending[r], len(toks[r]))
+            if len(keep) < len(rows.rows) and keep:
+                rows = rows.select(keep)
+            elif not keep:
+                break
+        return torch.stack(last_logits), out  # type: ignore[arg-type]
+
+    def _row_state(
+        self,
+        rows: DecodeRows,
+        i: int,
+        pad: int,
+        given: MemoryState,
+        pending: list[PendingEvent],
+        woken: int,
+    ) -> MemoryState:
+        """Row ``i`` of a batched wake as a B = 1 state (copies: the batch is let go of).
+        ``pad``: the padded columns after the row's last token in its KV buffers."""
+        keep = self.config.window - 1  # what ``forward`` keeps: the next token's window
+        kv: list = []
+        for buf in rows.kv:
+            assert buf.k is not None and buf.v is not None
+            end = buf.filled - pad
+            start = max(int(buf.first[i]), end - keep)
+            kv.append(
+                (buf.k[i : i + 1, :, start:end].clone(), buf.v[i : i + 1, :, start:end].clone())
+            )
+        return MemoryState(
+            config_hash=given.config_hash,
+            gdn_layers=list(given.gdn_layers),
+            base_S=list(given.base_S),
+            S=[s[i : i + 1].clone() for s in rows.S],
+            conv=[None if c is None else c[i : i + 1].clone() for c in rows.conv],
+            kv=kv,
+            pos=given.pos + woken,
+            watermarks=list(given.watermarks),
+            pending=[pending],
+        )
+
+    @torch.no_grad()
     def sleep(
         self,
         tokens: TokensLike,
@@ -219,7 +331,6 @@ class HybridLM(nn.Module):
             pending=[[] for _ in range(state.batch)],
         )
 
-    @torch.no_grad()
     def rebuild_state(
         self,
         fast_weights: dict[str, Tensor] | MemoryState,
@@ -228,20 +339,38 @@ class HybridLM(nn.Module):
     ) -> MemoryState:
         """A B = 1 state from consolidated fast weights at ``watermark`` plus the events
         after it (offset, tokens), replayed by wake: the deterministic live state."""
-        if isinstance(fast_weights, MemoryState):
-            fast_weights.check(self.config)
-            fast_weights = fast_weights.fast_weights()
-        state = MemoryState.from_fast_weights(fast_weights, self.config, watermark, self.device)
-        kept = sorted((int(o), tuple(int(t) for t in ids)) for o, ids in events if o > watermark)
-        if [o for o, _ in kept] != sorted({o for o, _ in kept}):
-            raise DuplicateEventError(f"events repeat an offset: {[o for o, _ in kept]}")
-        flat = [t for _, ids in kept for t in ids]
-        if not flat:
-            return state
-        # One pass over all remaining events (same result, one call instead of many).
-        _, state = self.wake(flat, state)
-        state.pending = [[PendingEvent(o, ids) for o, ids in kept]]
-        return state
+        return self.rebuild_states([(fast_weights, watermark, events)])[0]
+
+    @torch.no_grad()
+    def rebuild_states(
+        self,
+        scopes: Sequence[
+            tuple[dict[str, Tensor] | MemoryState, int, Sequence[tuple[int, Sequence[int]]]]
+        ],
+    ) -> list[MemoryState]:
+        """``rebuild_state`` for several scopes (fast weights, watermark, events) at once:
+        each scope's remaining events are one row of a batched wake from an empty KV."""
+        fresh, kept = [], []
+        for fast_weights, watermark, events in scopes:
+            if isinstance(fast_weights, MemoryState):
+                fast_weights.check(self.config)
+                fast_weights = fast_weights.fast_weights()
+            fresh.append(
+                MemoryState.from_fast_weights(fast_weights, self.config, watermark, self.device)
+            )
+            k = sorted((int(o), tuple(int(t) for t in ids)) for o, ids in events if o > watermark)
+            if [o for o, _ in k] != sorted({o for o, _ in k}):
+                raise DuplicateEventError(f"events repeat an offset: {[o for o, _ in k]}")
+            kept.append(k)
+        # One pass over all of a scope's remaining events (same result as one per event).
+        rows = [i for i, k in enumerate(kept) if k]
+        if rows:
+            flat = [[t for _, ids in kept[i] for t in ids] for i in rows]
+            _, woken = self.wake_batch(flat, [fresh[i] for i in rows])
+            for i, state in zip(rows, woken, strict=True):
+                state.pending = [[PendingEvent(o, ids) for o, ids in kept[i]]]
+                fresh[i] = state
+        return fresh
 
     def swap_in(
         self,
@@ -251,15 +380,28 @@ class HybridLM(nn.Module):
     ) -> MemoryState:
         """Hot swap: take S' consolidated up to ``watermark``; drop the pending events with
         offset <= watermark and re-derive the running S and KV from S' + the rest."""
-        self._check_state(state, 1)
-        if watermark < state.watermark:
-            raise WatermarkError(
-                f"fast weights at watermark {watermark} are older than the state's "
-                f"{state.watermark}: events in between are no longer buffered; use "
-                f"rebuild_state with the history after {watermark}"
-            )
-        remaining = [(e.offset, e.tokens) for e in state.pending_events if e.offset > watermark]
-        return self.rebuild_state(fast_weights, watermark, remaining)
+        return self.swap_in_batch([(state, fast_weights, watermark)])[0]
+
+    def swap_in_batch(
+        self,
+        swaps: Sequence[tuple[MemoryState, dict[str, Tensor] | MemoryState, int]],
+    ) -> list[MemoryState]:
+        """``swap_in`` for several scopes (state, fast weights, watermark) in one batched
+        wake of what each keeps pending."""
+        for state, _, watermark in swaps:
+            self._check_state(state, 1)
+            if watermark < state.watermark:
+                raise WatermarkError(
+                    f"fast weights at watermark {watermark} are older than the state's "
+                    f"{state.watermark}: events in between are no longer buffered; use "
+                    f"rebuild_state with the history after {watermark}"
+                )
+        return self.rebuild_states(
+            [
+                (fw, w, [(e.offset, e.tokens) for e in s.pending_events if e.offset > w])
+                for s, fw, w in swaps
+            ]
+        )
 
     def consolidate(self, state: MemoryState, upto: int, passes: int | None = None) -> MemoryState:
         """In-process sleep of the pending events with offset <= ``upto`` (B = 1), then swap
@@ -453,10 +595,13 @@ class HybridLM(nn.Module):
             raise InputError(f"lengths must be <= T={T}, got max {int(lengths.max())}")
         return lengths.to(self.device)
 
-    def _check_state(self, state: MemoryState, batch: int) -> None:
+    def _check_state(self, state: MemoryState, batch: int, config_hash: str = "") -> None:
+        """``config_hash``: the model's, when the caller checks many states (it is a
+        sha256 of the config, not free)."""
         if not isinstance(state, MemoryState):
             raise InputError(f"state must be a MemoryState, got {type(state).__name__}")
-        state.check(self.config)
+        if not config_hash or state.config_hash != config_hash:
+            state.check(self.config)
         if state.batch != batch:
             raise InputError(f"state holds {state.batch} scopes, tokens have batch {batch}")
 

@@ -7,9 +7,9 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
   the scopes of the engine call, see below), so the generated reply is never remembered;
 - a fast-weights swap: ``lm.swap_in`` keeps S' and drops only pending events at or below
   W' (invariant 1); a refused or stale artifact leaves the previous version serving. An
-  accepted swap is staged and applied when the scope is next used: swap_in re-wakes the
-  events after W' (~20 ms a scope on a CPU), and a burst of 100 publishes applied at once
-  held the engine thread for seconds while only the scopes that speak need it;
+  accepted swap is staged and applied when the scope is next used, for all scopes of an
+  engine call together (``lm.swap_in_batch``: one batched wake of the events each keeps
+  after W'), so a burst of publishes costs only the scopes that speak, at batch prices;
 - a rollback (a publish older than what we serve, that the registry says is live): the
   dropped events cannot be put back from memory, so the scope is marked for a reload; the
   agent rebuilds it like an evicted one, from that version plus the topic after it;
@@ -18,15 +18,16 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
 - eviction: least recently used scopes leave memory; they come back from the registry's
   live fast weights plus the events after its watermark (``streams/loader.py``).
 
-Turns are woken one scope at a time, in order: a scope's wake is exact with B = 1 and
-costs one forward per turn. The replies, where the time goes (``max_new_tokens`` decode
-steps each), are generated for all user turns of a batch at once by ``generate_batch``:
-one decode step for every scope, each row at its own position with its own (left-padded)
-KV cache, so 100 scopes speaking at once cost a few times what one does, not a hundred
-times (``somna bench answer``); the B = 1 wakes are then most of a large batch's time. A
-scope with two user turns in a batch answers each from its state right after that turn's
-wake. The agent's micro-batching is at the Kafka level (``take_events``): one engine
-call per batch.
+Turns are woken in rounds: round r takes the r-th turn of every scope of the engine call
+and wakes them all with one ``wake_batch`` (each row its own position, KV, conv cache and
+number of tokens; the state a B = 1 wake gives, up to float rounding), so order is kept
+within a scope and 100 scopes with one turn each cost one forward, not 100. The replies,
+where the time goes (``max_new_tokens`` decode steps each), are generated for all user
+turns of a batch at once by ``generate_batch``: one decode step for every scope, each row
+at its own position with its own (left-padded) KV cache (``somna bench answer``). A scope
+with two user turns in a batch answers each from its state right after that turn's wake.
+The agent's micro-batching is at the Kafka level (``take_events``): one engine call per
+batch.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class ModelEngine:
         """The scope's memory as it is served now (a staged swap applied)."""
         mem = self._scopes.get(scope_id)
         if mem is not None:
-            self._apply_staged(mem)
+            self._apply_staged([mem])
         return mem
 
     def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None:
@@ -168,44 +169,67 @@ class ModelEngine:
     def answer(self, turns: list[Turn]) -> list[Reply]:
         from model.tokenizer import render_turn
 
-        asks = []  # (turn, prompt, state to answer from, fast-weights version), in order
-        for turn in turns:
-            mem = self._touch(turn)
-            tokens = render_turn(turn.event.role, turn.event.text)
-            fresh = self._remember(mem, turn, tokens)
-            if turn.wants_reply:
-                # A redelivered turn is in memory already, maybe not last: ask it again.
-                prompt = self._assistant if fresh else tokens + self._assistant
-                # wake/swap_in return new states, so this reference stays the state right
-                # after this turn even if a later turn of the batch moves the scope on.
-                asks.append((turn, prompt, mem.state, mem.fast_weights_version))
+        mems: dict[str, ScopeMemory] = {}  # the batch's scopes, in order of first turn
+        queues: dict[str, list[int]] = {}  # each scope's turns (indices), in order
+        for i, turn in enumerate(turns):
+            scope_id = turn.event.scope_id
+            if scope_id not in mems:
+                mems[scope_id] = self._touch(turn)
+            queues.setdefault(scope_id, []).append(i)
+        self._apply_staged(list(mems.values()))
+        asks: dict[int, tuple] = {}  # turn index -> (prompt, state to answer from, version)
+        # Round r wakes the r-th turn of every scope in one batched call: order is kept
+        # within a scope, and scopes never wait on each other.
+        for r in range(max((len(q) for q in queues.values()), default=0)):
+            wakes = []  # (turn index, memory, tokens)
+            for scope_id, queue in queues.items():
+                if r >= len(queue):
+                    continue
+                i, mem = queue[r], mems[scope_id]
+                turn = turns[i]
+                tokens = render_turn(turn.event.role, turn.event.text)
+                if turn.offset > mem.last_offset:
+                    wakes.append((i, mem, tokens))
+                elif turn.wants_reply:
+                    # Redelivered (or folded into S by a sleep ahead of us): it is in memory
+                    # already, maybe not last: ask it again with its tokens.
+                    asks[i] = (tokens + self._assistant, mem.state, mem.fast_weights_version)
+            if not wakes:
+                continue
+            _, states = self.lm.wake_batch(
+                [tokens for _, _, tokens in wakes],
+                [mem.state for _, mem, _ in wakes],
+                [turns[i].offset for i, _, _ in wakes],
+            )
+            for (i, mem, _), state in zip(wakes, states, strict=True):
+                turn = turns[i]
+                # wake_batch returns new states, so this reference stays the state right
+                # after this turn even when a later round moves the scope on.
+                mem.state = state
+                mem.offsets[turn.event.event_id] = turn.offset
+                mem.last_offset = turn.offset
+                if turn.wants_reply:
+                    asks[i] = (self._assistant, state, mem.fast_weights_version)
         if not asks:
             return []
+        order = sorted(asks)
         replies = self.lm.generate_batch(
-            [prompt for _, prompt, _, _ in asks],
-            [state for _, _, state, _ in asks],
+            [asks[i][0] for i in order],
+            [asks[i][1] for i in order],
             max_new_tokens=self.max_new_tokens,
         )
         return [
-            make_reply(turn, self._tok.decode(ids), self.base_model_version, version)
-            for (turn, _, _, version), ids in zip(asks, replies, strict=True)
+            make_reply(turns[i], self._tok.decode(ids), self.base_model_version, asks[i][2])
+            for i, ids in zip(order, replies, strict=True)
         ]
 
     def _touch(self, turn: Turn) -> ScopeMemory:
+        """The turn's scope, most recently used; a staged swap is left for the caller."""
         scope_id = turn.event.scope_id
         if scope_id not in self._scopes:  # the agent loads before answering; this is a fallback
             self.install(scope_id, ScopeSnapshot(None, None, partition=turn.partition))
         self._scopes.move_to_end(scope_id)
-        return self.memory(scope_id)
-
-    def _remember(self, mem: ScopeMemory, turn: Turn, tokens: list[int]) -> bool:
-        """Wake the turn into the scope's memory at its offset; False if it was there."""
-        if turn.offset <= mem.last_offset:
-            return False  # redelivered, or already folded into S by a sleep ahead of us
-        _, mem.state = self.lm.wake(tokens, mem.state, offset=turn.offset)
-        mem.offsets[turn.event.event_id] = turn.offset
-        mem.last_offset = turn.offset
-        return True
+        return self._scopes[scope_id]
 
     # ---- fast weights and retractions ---------------------------------------------------
     def swap(self, published: FastWeightsPublished, weights: Any) -> str:
@@ -226,15 +250,20 @@ class ModelEngine:
         mem.staged = (published, weights)
         return "swapped"
 
-    def _apply_staged(self, mem: ScopeMemory) -> None:
-        if mem.staged is None:
+    def _apply_staged(self, mems: list[ScopeMemory]) -> None:
+        """Swap in the staged fast weights of these scopes, all in one batched wake of
+        the events each keeps after its new watermark."""
+        todo = [m for m in mems if m.staged is not None]
+        if not todo:
             return
-        published, weights = mem.staged
-        mem.staged = None
-        mem.state = self.lm.swap_in(mem.state, weights.tensors, published.watermark)
-        mem.fast_weights_version = published.version
-        mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
-        mem.last_offset = max(mem.last_offset, published.watermark)
+        swaps = [(m.state, m.staged[1].tensors, m.staged[0].watermark) for m in todo]  # type: ignore[index]
+        for mem, state in zip(todo, self.lm.swap_in_batch(swaps), strict=True):
+            published = mem.staged[0]  # type: ignore[index]
+            mem.staged = None
+            mem.state = state
+            mem.fast_weights_version = published.version
+            mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
+            mem.last_offset = max(mem.last_offset, published.watermark)
 
     def retract(self, retraction: Retraction) -> bool:
         mem = self.memory(retraction.scope_id)

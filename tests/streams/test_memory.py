@@ -204,3 +204,63 @@ def test_a_batch_answers_each_user_turn_from_its_own_moment(lm):
     prompt = render_turn("user", "fact 1.") + [ASSISTANT]
     assert again[0].text == batched._tok.decode(lm.generate(prompt, state, max_new_tokens=8))
     assert len(batched.memory("a").state.pending_events) == 4
+
+
+def test_many_scopes_in_one_call_equal_one_call_per_turn(lm):
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+    # 12 scopes, 1 to 4 turns each (some long, some user), interleaved; then a round with
+    # redeliveries, and staged swaps applied together at the scopes' next use.
+    turns, offset = [], 0
+    for k in range(4):
+        for s in range(12):
+            if k <= s % 4:
+                role = "user" if (s + k) % 3 == 0 else "system"
+                event = Interaction(
+                    event_id=f"e{offset}", scope_id=f"s{s}", session_id="s", role=role,
+                    text=f"fact {offset}. " * (1 + (s * k) % 5), ts=0.0,
+                )  # fmt: skip
+                turns.append(Turn(event, 0, offset, None))
+                offset += 1
+    batched = ModelEngine(lm, base_model_version="7", max_new_tokens=6)
+    one_by_one = ModelEngine(lm, base_model_version="7", max_new_tokens=6)
+    replies = batched.answer(turns)
+    expected = [r for t in turns for r in one_by_one.answer([t])]
+    assert [(r.event_id, r.text) for r in replies] == [(r.event_id, r.text) for r in expected]
+    assert len({r.text for r in replies}) > 1
+    for engine in (batched, one_by_one):
+        for s in (0, 5, 11):  # swaps staged for some scopes, applied at their next turn
+            mem = engine.memory(f"s{s}")
+            upto = mem.state.pending_events[0].offset
+            slept = lm.sleep([mem.state.pending_tokens(upto)], mem.state, passes=2)
+            published = FastWeightsPublished(
+                scope_id=f"s{s}", version="1", artifact_uri="mlflow-artifacts:/x",
+                sha256="0" * 64, watermark=upto, base_model_version="7", job_id="j",
+            )  # fmt: skip
+            weights = FastWeights(
+                scope_id=f"s{s}", version="1", tensors=slept.fast_weights(),
+                metadata={"config_hash": CFG.config_hash()}, watermark=upto,
+                base_model_version="7",
+            )  # fmt: skip
+            assert engine.swap(published, weights) == "swapped"
+    more = [turns[1], turns[-1]]  # redelivered
+    for s in range(12):
+        event = Interaction(
+            event_id=f"e{offset}", scope_id=f"s{s}", session_id="s", role="user",
+            text="who?", ts=0.0,
+        )  # fmt: skip
+        more.append(Turn(event, 0, offset, None))
+        offset += 1
+    replies = batched.answer(more)
+    expected = [r for t in more for r in one_by_one.answer([t])]
+    assert [(r.event_id, r.text, r.fast_weights_version) for r in replies] == [
+        (r.event_id, r.text, r.fast_weights_version) for r in expected
+    ]
+    for s in range(12):
+        got, ref = batched.memory(f"s{s}"), one_by_one.memory(f"s{s}")
+        assert got.state.pending_events == ref.state.pending_events
+        assert got.state.watermark == ref.state.watermark and got.offsets == ref.offsets
+        assert got.last_offset == ref.last_offset and got.state.pos == ref.state.pos
+        for a, b in zip(got.state.S, ref.state.S, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
