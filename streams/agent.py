@@ -7,9 +7,10 @@ memory is only ever touched by that thread. Consolidation never runs here (invar
 the agent only reads what the sleep workers publish.
 
 Per micro-batch (``take_events``: up to ``MAX_BATCH`` turns or ``BATCH_WINDOW`` seconds):
-decode (bad input -> dead letters), load the scopes that are not in memory (their live
-fast weights and the events after its watermark, read back from the topic), answer, and
-produce the replies keyed by scope. Offsets are acked only after the replies are sent.
+decode (bad input -> dead letters), answer the turns of scopes in memory while the others
+load (their live fast weights and the events after its watermark, read back from the
+topic; all installed in one batched wake), then answer those, and produce the replies
+keyed by scope. Offsets are acked only after the replies are sent.
 A turn the consumer skipped (Faust's recovery can drop records after a rebalance) is
 noticed by its offset and read back from the topic before the next one (streams/gaps.py).
 """
@@ -86,24 +87,42 @@ def install(
                 _keep(turns, event, msg.partition, msg.offset, msg.timestamp)
             if not turns:
                 continue
+            # Scopes in memory are answered first; the cold ones (read back from the
+            # registry and the topic, which takes long) load meanwhile and follow.
+            cold = {t.event.scope_id for t in turns if not engine.loaded(t.event.scope_id)}
+            if not cold:
+                await _answer(turns, time.time(), None)
+                continue
+            warm = [t for t in turns if t.event.scope_id not in cold]
+            rest = [t for t in turns if t.event.scope_id in cold]
             t_taken = time.time()
-            await _load_missing(turns)
-            t_loaded = time.time()
-            started: list[float] = []
-            if engine.blocking:
-                replies = await thread.call(_timed, started, engine.answer, turns)
-            else:
-                replies = engine.answer(turns)
-            _log_if_slow(turns, t_taken, t_loaded, started)
-            for reply in replies:
-                # Straight to the producer (Faust's topic.send adds per-message bookkeeping
-                # we do not use); Faust flushes it before committing the offsets.
-                # The send only enqueues: no reply waits for another's delivery.
-                await app.producer.send(
-                    REPLIES, reply.scope_id.encode(), reply.to_bytes(), None, None, None
-                )
-                metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
-            metrics.REPLIES.inc(len(replies))
+            # The warm batch is queued on the engine thread before the cold scopes'
+            # install, so loading cannot evict a scope it is about to answer.
+            loading = asyncio.create_task(_load_missing(rest))
+            try:
+                if warm:
+                    await _answer(warm, t_taken, None)
+            finally:
+                await loading
+            await _answer(rest, t_taken, time.time())
+
+    async def _answer(turns: list[Turn], t_taken: float, t_loaded: float | None) -> None:
+        """Answer ``turns`` of scopes in memory and send the replies."""
+        started: list[float] = []
+        if engine.blocking:
+            replies = await thread.call(_timed, started, engine.answer, turns)
+        else:
+            replies = engine.answer(turns)
+        _log_if_slow(turns, t_taken, t_loaded or t_taken, started)
+        for reply in replies:
+            # Straight to the producer (Faust's topic.send adds per-message bookkeeping we
+            # do not use); Faust flushes it before committing the offsets. The send only
+            # enqueues: no reply waits for another's delivery.
+            await app.producer.send(
+                REPLIES, reply.scope_id.encode(), reply.to_bytes(), None, None, None
+            )
+            metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
+        metrics.REPLIES.inc(len(replies))
 
     def _keep(
         turns: list[Turn], event: Interaction | None, partition: int, offset: int, ts: float
@@ -128,10 +147,10 @@ def install(
         for scope in missing:
             partition, offset = first[scope]
             by_partition[partition][scope] = offset
+        snapshots = {}
         for partition, upto in by_partition.items():
-            snapshots = await loader.load(partition, upto, with_weights=engine.uses_fast_weights)
-            for scope, snapshot in snapshots.items():
-                await thread.call(engine.install, scope, snapshot)
+            snapshots |= await loader.load(partition, upto, with_weights=engine.uses_fast_weights)
+        await thread.call(engine.install, snapshots)
 
     def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
         started.append(time.time())  # when the engine thread took it: queue wait before

@@ -59,7 +59,9 @@ class Engine(Protocol):
 
     def loaded(self, scope_id: str) -> bool: ...
 
-    def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None: ...
+    def install(self, snapshots: dict[str, ScopeSnapshot]) -> None:
+        """Load scopes (by id) into memory from their snapshots."""
+        ...
 
     def answer(self, turns: list[Turn]) -> list[Reply]:
         """Remember every turn; reply to the user turns, in order."""
@@ -110,7 +112,7 @@ class NullEngine:
     def loaded(self, scope_id: str) -> bool:
         return True
 
-    def install(self, scope_id: str, snapshot: ScopeSnapshot) -> None:
+    def install(self, snapshots: dict[str, ScopeSnapshot]) -> None:
         pass
 
     def answer(self, turns: list[Turn]) -> list[Reply]:

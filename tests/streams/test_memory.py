@@ -98,7 +98,7 @@ def test_a_rollback_reloads_the_scope_from_the_older_version_without_a_gap(lm):
     assert not engine.loaded("u1")  # the agent's next batch rebuilds it before answering
     assert engine.memory("u1").fast_weights_version == "2"  # kept until then
     events = [(i, _turn(i).event) for i in range(5)]  # the loader reads them from the topic
-    engine.install("u1", ScopeSnapshot(weights=w1, published=v1, events=events))
+    engine.install({"u1": ScopeSnapshot(weights=w1, published=v1, events=events)})
     mem = engine.memory("u1")
     assert engine.loaded("u1") and mem.fast_weights_version == v1.version
     assert mem.state.watermark == 1
@@ -112,7 +112,7 @@ def test_a_reloaded_scope_has_the_same_memory_as_the_live_one(lm):
     live.swap(published, weights)
     reloaded = ModelEngine(lm, base_model_version="7")
     events = [(i, _turn(i).event) for i in range(4, 6)]
-    reloaded.install("u1", ScopeSnapshot(weights=weights, published=published, events=events))
+    reloaded.install({"u1": ScopeSnapshot(weights=weights, published=published, events=events)})
     a, b = live.memory("u1").state, reloaded.memory("u1").state
     for sa, sb in zip(a.S, b.S, strict=True):
         torch.testing.assert_close(sa, sb)
@@ -156,7 +156,7 @@ def test_a_new_base_model_drops_every_scope_and_refuses_the_old_fast_weights(lm)
     torch.manual_seed(1)
     assert engine.set_base_model(HybridLM(CFG), "8") == 2
     assert not engine.loaded("u1") and not engine.loaded("b")
-    engine.install("u1", ScopeSnapshot(weights, published, [(1, _turn(1).event)], 0))
+    engine.install({"u1": ScopeSnapshot(weights, published, [(1, _turn(1).event)], 0)})
     assert engine.memory("u1").fast_weights_version is None  # base 7's S is not served on 8
     [reply] = engine.answer([_turn(2, role="user")])
     assert reply.base_model_version == "8"
