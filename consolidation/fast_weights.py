@@ -29,7 +29,7 @@ from consolidation.tracking import (
 from streams.records import FastWeightsPublished
 
 if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,39 @@ def set_live(tracking_uri: str, scope_id: str, version: str) -> FastWeightsPubli
 
 def latest_live(tracking_uri: str, scope_id: str) -> FastWeightsPublished | None:
     """What a scope serves now (its ``live`` alias), or None for a scope never consolidated."""
-    mv = get_by_alias(client(tracking_uri), fast_weights_model_name(scope_id), LIVE)
+    mv = live_version(tracking_uri, scope_id)
     return None if mv is None else published(mv)
+
+
+def live_version(
+    tracking_uri: str, scope_id: str, model: RegisteredModel | None = None
+) -> ModelVersion | None:
+    """The registry's record of the scope's ``live`` version (None: never consolidated).
+    With ``model`` (from :func:`registered_models`) the alias is read from it."""
+    if model is None:
+        return get_by_alias(client(tracking_uri), fast_weights_model_name(scope_id), LIVE)
+    version = model.aliases.get(LIVE)
+    return None if version is None else get_version(tracking_uri, scope_id, str(version))
+
+
+def registered_models(tracking_uri: str, scope_ids: list[str]) -> dict[str, RegisteredModel]:
+    """The registered models of many scopes, by scope, with their aliases (``live``) and
+    tags (retractions): one search per 100 scopes instead of two calls per scope. Scopes
+    never consolidated are absent."""
+    by_name = {fast_weights_model_name(s): s for s in scope_ids}
+    names, c, out = sorted(by_name), client(tracking_uri), {}
+    for i in range(0, len(names), 100):
+        quoted = ", ".join(f"'{n}'" for n in names[i : i + 100])  # safe chars only
+        token = None
+        while True:
+            page = c.search_registered_models(
+                f"name IN ({quoted})", max_results=1000, page_token=token
+            )
+            out.update({by_name[m.name]: m for m in page if m.name in by_name})
+            token = page.token
+            if not token:
+                break
+    return out
 
 
 def list_versions(tracking_uri: str, scope_id: str) -> list[ModelVersion]:

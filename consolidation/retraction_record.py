@@ -31,4 +31,9 @@ def retracted_event_ids(tracking_uri: str, scope_id: str) -> set[str]:
         if is_missing(e) or "not found" in str(e).lower():
             return set()
         raise
-    return {k[len(_RETRACTED_PREFIX) :] for k in rm.tags if k.startswith(_RETRACTED_PREFIX)}
+    return retracted_in(rm.tags)
+
+
+def retracted_in(tags: dict[str, str]) -> set[str]:
+    """The retracted event ids among a registered model's tags."""
+    return {k[len(_RETRACTED_PREFIX) :] for k in tags if k.startswith(_RETRACTED_PREFIX)}

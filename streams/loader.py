@@ -100,15 +100,27 @@ class ScopeLoader:
             return False
         return live is not None and live.version == published.version
 
-    async def _live(self, scope_id: str) -> tuple[FastWeightsPublished | None, Any | None]:
-        from consolidation.fast_weights import latest_live
+    async def _live(
+        self, scope_id: str, models: dict[str, Any] | None = None
+    ) -> tuple[FastWeightsPublished | None, Any | None]:
+        """The scope's live version and its verified weights; (None, None) when it has none
+        or they are refused. ``models``: the batch's registered models, when one search
+        found them (a scope missing from it was never consolidated)."""
+        from consolidation.exceptions import VersionNotFound
+        from consolidation.fast_weights import live_version, published
 
+        model = models.get(scope_id) if models is not None else None
+        if models is not None and model is None:
+            return None, None
         for attempt in range(LIVE_ATTEMPTS):
             try:
-                published = await asyncio.to_thread(
-                    latest_live, self.settings.tracking_uri, scope_id
+                mv = await asyncio.to_thread(
+                    live_version, self.settings.tracking_uri, scope_id, model
                 )
                 break
+            except VersionNotFound as e:  # the alias names a deleted version
+                log.error("live fast weights of %s: %s", scope_id, e)
+                return None, None
             except Exception as e:  # noqa: BLE001 (any failure of the tracking server)
                 log.warning(
                     "live fast weights of %s: attempt %d failed: %s", scope_id, attempt + 1, e
@@ -118,20 +130,34 @@ class ScopeLoader:
             # Without the registry, memory is rebuilt from the scope's whole retained log.
             log.error("tracking server unreachable: %s reloads from its events only", scope_id)
             return None, None
-        if published is None:
+        if mv is None:
             return None, None
-        weights = await self.fetch_weights(published)
-        return (published, weights) if weights is not None else (None, None)
+        live = published(mv)
+        weights = await self.fetch_weights(live, registered=mv)
+        return (live, weights) if weights is not None else (None, None)
+
+    async def _models(self, scopes: list[str]) -> dict[str, Any] | None:
+        """The scopes' registered models in one search; None if it failed (then each scope
+        asks the registry itself, with retries)."""
+        from consolidation.fast_weights import registered_models
+
+        try:
+            return await asyncio.to_thread(registered_models, self.settings.tracking_uri, scopes)
+        except Exception as e:  # noqa: BLE001 (the tracking server is down or slow)
+            log.warning("registry search of %d scopes failed: %s", len(scopes), e)
+            return None
 
     async def load(
         self, partition: int, upto: dict[str, int], *, with_weights: bool = True
     ) -> dict[str, ScopeSnapshot]:
         """Snapshots of ``upto``'s scopes: events strictly before each scope's given offset."""
-        # The registry calls of a batch's cold scopes run together: one after another, each
-        # new scope held every reply of the worker for ~0.3 s more.
+        # One registry search finds every cold scope's live alias and retractions; the
+        # live versions are then fetched together (one by one, each new scope held every
+        # reply of the worker for ~0.3 s more).
         scopes = list(upto)
+        models = await self._models(scopes) if with_weights else None
         lives = (
-            await asyncio.gather(*(self._live(s) for s in scopes))
+            await asyncio.gather(*(self._live(s, models) for s in scopes))
             if with_weights
             else [(None, None)] * len(scopes)
         )
@@ -150,10 +176,16 @@ class ScopeLoader:
                 (r.scope_id, r.event_id)
                 for _, r in await self._read(RETRACTIONS, partition, 0, None, set(upto), Retraction)
             }
-            if with_weights:
+            if models is not None:
+                from consolidation.retraction_record import retracted_in
+
+                found = [retracted_in(models[s].tags) if s in models else set() for s in scopes]
+            elif with_weights:
                 found = await asyncio.gather(*(self._retracted(s) for s in scopes))
-                for scope, ids in zip(scopes, found, strict=True):
-                    retracted |= {(scope, e) for e in ids}
+            else:
+                found = [set() for _ in scopes]
+            for scope, ids in zip(scopes, found, strict=True):
+                retracted |= {(scope, e) for e in ids}
             events = await self._read(INTERACTIONS, partition, start, end, set(upto), Interaction)
             for offset, event in events:
                 if (event.scope_id, event.event_id) in retracted:

@@ -110,3 +110,21 @@ def test_one_lookup_finds_a_burst_of_publishes(mlflow_uri: str, tmp_path: Path) 
         fast_weights_load.load_fast_weights(
             mlflow_uri, forged, b, registered=found[(b, b1.version)]
         )
+
+
+def test_one_search_finds_the_live_alias_and_retractions_of_many_scopes(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    a, b, never = _scope(), _scope(), _scope()
+    a1 = _register(mlflow_uri, a, tmp_path, "job-s-a1", 1.0)
+    a2 = _register(mlflow_uri, a, tmp_path, "job-s-a2", 2.0, parent=a1.version)
+    retraction_record.record_retraction(mlflow_uri, b, "ev-9")  # a model, no version yet
+    models = fast_weights.registered_models(mlflow_uri, [a, b, never])
+    assert set(models) == {a, b}
+    assert retraction_record.retracted_in(models[b].tags) == {"ev-9"}
+    assert retraction_record.retracted_in(models[a].tags) == set()
+    # The alias read from the search names the same version as asking for it alone.
+    live = fast_weights.live_version(mlflow_uri, a, models[a])
+    assert live is not None and fast_weights.published(live) == a2
+    assert fast_weights.live_version(mlflow_uri, a) is not None
+    assert fast_weights.live_version(mlflow_uri, b, models[b]) is None
