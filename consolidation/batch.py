@@ -167,7 +167,7 @@ def run_batch(
             )  # fmt: skip
             fast_weights_load.remember(tracking_uri, pub, tensors, meta)
             if blob_root is not None:
-                blobs.put(blob_root, pub.sha256, local)
+                blobs.put(blob_root, pub, local)
             metrics.VERSIONS.inc()
             return pub
 

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consolidation.exceptions import ArtifactRejected, VersionNotFound
-from consolidation.fast_weights import FastWeights, fast_weights_model_name, get_version
+from consolidation.fast_weights import (
+    FastWeights,
+    fast_weights_model_name,
+    get_version,
+    published_from_tags,
+)
 from consolidation.tracking import client, sha256_file
 from streams.records import FastWeightsPublished
 
@@ -37,9 +42,11 @@ def load_fast_weights(
 
     Checks, in order: the event is for ``expected_scope``; the registry holds that version
     for that scope with the same sha256 and artifact URI (so a forged event cannot point a
-    scope at another scope's file); the bytes hash to that sha256; the file's own metadata
-    names the same scope. The bytes come from the local copy under ``blob_root`` (see
-    :mod:`consolidation.blobs`) when there is a good one, else from the tracking server.
+    scope at another scope's file), or a sleep worker of this data dir recorded exactly
+    this registration beside its copy of the bytes (``blobs.registered_here``: no registry
+    round trip); the bytes hash to that sha256; the file's own metadata names the scope.
+    The bytes come from the local copy under ``blob_root`` (see :mod:`consolidation.blobs`)
+    when there is a good one, else from the tracking server.
     ``registered`` is the registry's record of the version when the caller looked it up
     already (:func:`registered_versions`); it is checked the same way.
     """
@@ -51,23 +58,8 @@ def load_fast_weights(
         raise ArtifactRejected(
             f"fast weights of scope {published.scope_id!r} offered to scope {expected_scope!r}"
         )
-    mv = registered
-    if mv is None or (mv.name, str(mv.version)) != (
-        fast_weights_model_name(expected_scope),
-        published.version,
-    ):
-        try:
-            mv = get_version(tracking_uri, expected_scope, published.version)
-        except VersionNotFound as e:
-            raise ArtifactRejected(str(e)) from e
-    tags = mv.tags
-    if tags.get("scope_id") != expected_scope:
-        raise ArtifactRejected(f"version {mv.version} is tagged for scope {tags.get('scope_id')!r}")
-    if tags.get("sha256") != published.sha256 or tags.get("artifact_uri") != published.artifact_uri:
-        raise ArtifactRejected(
-            f"event for {expected_scope!r} v{published.version} does not match the registry "
-            "(sha256 or artifact uri differ)"
-        )
+    if blob_root is None or not blobs.registered_here(blob_root, published):
+        _check_registered(tracking_uri, published, expected_scope, registered)
     cached = _cache_get(tracking_uri, expected_scope, published)
     if cached is not None:
         return cached
@@ -86,6 +78,40 @@ def load_fast_weights(
             loaded = _read_verified(Path(path), published, expected_scope)
     remember(tracking_uri, published, *loaded)
     return _cache_get(tracking_uri, expected_scope, published)  # type: ignore[return-value]
+
+
+def _check_registered(
+    tracking_uri: str,
+    published: FastWeightsPublished,
+    expected_scope: str,
+    registered: ModelVersion | None,
+) -> None:
+    """Refuse ``published`` unless the registry holds that version for that scope, with
+    the same sha256 and artifact URI."""
+    mv = registered
+    if mv is None or (mv.name, str(mv.version)) != (
+        fast_weights_model_name(expected_scope),
+        published.version,
+    ):
+        try:
+            mv = get_version(tracking_uri, expected_scope, published.version)
+        except VersionNotFound as e:
+            raise ArtifactRejected(str(e)) from e
+    tags = mv.tags
+    if tags.get("scope_id") != expected_scope:
+        raise ArtifactRejected(f"version {mv.version} is tagged for scope {tags.get('scope_id')!r}")
+    try:
+        record = published_from_tags(str(mv.version), tags)
+    except (KeyError, ValueError) as e:
+        raise ArtifactRejected(f"version {mv.version} has no complete lineage tags: {e}") from e
+    # Every field: a genuine artifact under a forged watermark would drop unconsolidated
+    # events from the agent's memory (invariant 1).
+    differ = sorted(k for k, v in record.model_dump().items() if getattr(published, k) != v)
+    if differ:
+        raise ArtifactRejected(
+            f"event for {expected_scope!r} v{published.version} does not match the registry "
+            f"({', '.join(differ)} differ)"
+        )
 
 
 def registered_versions(

@@ -42,11 +42,17 @@ class ScopeLoader:
         """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
         scope at once): one registry lookup for all of them instead of one each, then the
         artifacts, ``FETCH_CONCURRENCY`` at a time."""
+        from consolidation import blobs
         from consolidation.fast_weights_load import registered_versions
 
+        # What this data dir's sleep worker recorded needs no lookup (consolidation/blobs.py).
+        root = blobs.root(self.settings.data_dir)
+        unknown = [p for p in published if not blobs.registered_here(root, p)]
         try:
-            records = await asyncio.to_thread(
-                registered_versions, self.settings.tracking_uri, published
+            records = (
+                await asyncio.to_thread(registered_versions, self.settings.tracking_uri, unknown)
+                if unknown
+                else {}
             )
         except Exception as e:  # noqa: BLE001 (each fetch then asks the registry itself)
             log.warning("registry lookup of %d publishes failed: %s", len(published), e)

@@ -50,21 +50,21 @@ def test_swap_reads_the_local_copy_and_still_checks_its_sha256(
     root = blobs.root(tmp_path / "data")
     # A good local copy: the damaged server copy is never read.
     pub, f = _publish(mlflow_uri, tmp_path, 1.0)
-    blobs.put(root, pub.sha256, f)
+    blobs.put(root, pub, f)
     _damage_server_copy(mlflow_uri, pub, tmp_path)
     fw = fast_weights_load.load_fast_weights(mlflow_uri, pub, pub.scope_id, blob_root=root)
     assert torch.equal(fw.tensors["s0"], torch.full((2, 3), 1.0))
 
     # A damaged local copy is refused; the tracking server's bytes are used.
     pub, f = _publish(mlflow_uri, tmp_path, 2.0)
-    blobs.put(root, pub.sha256, f)
+    blobs.put(root, pub, f)
     _damage_local_copy(root, pub, tmp_path)
     fw = fast_weights_load.load_fast_weights(mlflow_uri, pub, pub.scope_id, blob_root=root)
     assert torch.equal(fw.tensors["s0"], torch.full((2, 3), 2.0))
 
     # Both damaged: refused, so the previous version keeps serving.
     pub, f = _publish(mlflow_uri, tmp_path, 3.0)
-    blobs.put(root, pub.sha256, f)
+    blobs.put(root, pub, f)
     _damage_local_copy(root, pub, tmp_path)
     _damage_server_copy(mlflow_uri, pub, tmp_path)
     with pytest.raises(ArtifactRejected, match="sha256"):
@@ -74,10 +74,28 @@ def test_swap_reads_the_local_copy_and_still_checks_its_sha256(
 def test_a_local_copy_does_not_skip_the_registry(mlflow_uri: str, tmp_path: Path) -> None:
     root = blobs.root(tmp_path / "data")
     pub, f = _publish(mlflow_uri, tmp_path, 4.0)
-    blobs.put(root, pub.sha256, f)
+    blobs.put(root, pub, f)
     # An event naming a version the registry does not hold, with genuine bytes at hand.
     forged = pub.model_copy(update={"version": str(int(pub.version) + 1)})
     with pytest.raises(ArtifactRejected):
+        fast_weights_load.load_fast_weights(mlflow_uri, forged, pub.scope_id, blob_root=root)
+
+
+def test_a_publish_recorded_here_needs_no_registry(mlflow_uri: str, tmp_path: Path) -> None:
+    root = blobs.root(tmp_path / "data")
+    pub, f = _publish(mlflow_uri, tmp_path, 5.0)
+    blobs.put(root, pub, f)
+    assert blobs.registered_here(root, pub)
+    # The swap right after a publish: the sleep worker's record and copy, no tracking server.
+    nowhere = "http://127.0.0.1:9"
+    fw = fast_weights_load.load_fast_weights(nowhere, pub, pub.scope_id, blob_root=root)
+    assert torch.equal(fw.tensors["s0"], torch.full((2, 3), 5.0))
+    # An event that differs from the record in any field is looked up in the registry.
+    for change in ({"watermark": pub.watermark + 1}, {"scope_id": "user:other"}):
+        other = pub.model_copy(update=change)
+        assert not blobs.registered_here(root, other)
+    with pytest.raises(ArtifactRejected):
+        forged = pub.model_copy(update={"watermark": pub.watermark + 5})
         fast_weights_load.load_fast_weights(mlflow_uri, forged, pub.scope_id, blob_root=root)
 
 
