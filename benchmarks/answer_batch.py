@@ -195,13 +195,3 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict[str, Any]:
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    run(quick=args.quick, json_path=args.json)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +47,26 @@ def tiny_config() -> HybridConfig:
 def tiny_lm(tiny_config: HybridConfig) -> HybridLM:
     torch.manual_seed(0)
     return HybridLM(tiny_config).eval()
+
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "model" / "checkpoints" / "facts-n4"
+
+
+@pytest.fixture
+def loud_lm(tiny_lm: HybridLM) -> HybridLM:
+    """Random init with full-size residual branches: the default init keeps attention's
+    share of the logits so small that a wrong KV row, mask or position would hardly move
+    the argmax (the batched decode and wake tests need to see those)."""
+    torch.manual_seed(1)
+    for module in tiny_lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+    return tiny_lm
+
+
+@pytest.fixture(scope="module")
+def trained() -> HybridLM:
+    """The shipped checkpoint (facts-n4)."""
+    if not (CHECKPOINT / "model.safetensors").exists():
+        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
+    return HybridLM.load(CHECKPOINT)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,7 +9,6 @@ from model import HybridLM, MemoryState, render_turn
 from model.exceptions import InputError
 from model.tokenizer import ASSISTANT, EOT
 
-CHECKPOINT = Path(__file__).resolve().parents[2] / "model" / "checkpoints" / "facts-n4"
 TEXTS = [
     "alice reports to bob.",
     "the blue box is in the kitchen.",
@@ -57,24 +54,6 @@ def prompts_for(n: int) -> list[list[int]]:
     """Mostly ``<assistant>``; some longer (a redelivered turn asked again)."""
     longer = [render_turn("user", TEXTS[3]) + [ASSISTANT], render_turn("user", "hi") + [ASSISTANT]]
     return [longer[i // 2 % 2] if i % 2 else [ASSISTANT] for i in range(n)]
-
-
-@pytest.fixture
-def loud_lm(tiny_lm: HybridLM) -> HybridLM:
-    """Random init with full-size residual branches: the default init keeps attention's
-    share of the logits so small that a wrong KV row would hardly move the argmax."""
-    torch.manual_seed(1)
-    for module in tiny_lm.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
-    return tiny_lm
-
-
-@pytest.fixture(scope="module")
-def trained() -> HybridLM:
-    if not (CHECKPOINT / "model.safetensors").exists():
-        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
-    return HybridLM.load(CHECKPOINT)
 
 
 @pytest.mark.parametrize("which", ["random", "shipped"])

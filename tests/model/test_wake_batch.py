@@ -9,25 +9,7 @@ import model.hybrid
 from model import HybridLM, MemoryState, render_turn
 from model.exceptions import DuplicateEventError, EmptyChunkError, InputError
 from model.tokenizer import ASSISTANT, EOT
-from tests.model.test_generate_batch import CHECKPOINT, TEXTS, scopes
-
-
-@pytest.fixture
-def loud_lm(tiny_lm: HybridLM) -> HybridLM:
-    """Random init with full-size residual branches (see test_generate_batch.py): the
-    default init would hide a wrong mask or position."""
-    torch.manual_seed(1)
-    for module in tiny_lm.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
-    return tiny_lm
-
-
-@pytest.fixture(scope="module")
-def trained() -> HybridLM:
-    if not (CHECKPOINT / "model.safetensors").exists():
-        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
-    return HybridLM.load(CHECKPOINT)
+from tests.model.test_generate_batch import TEXTS, scopes
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
