@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=256, ge=8)
     # Seconds of silence after which a scope's partial chunk is consolidated anyway.
     idle_seconds: float = Field(default=30.0, gt=0)
+    # Seconds after which a sleep job whose fast weights never came back is sent again.
+    sleep_job_retry_seconds: float = Field(default=600.0, gt=0)
     # Offline recurrence passes per sleep job.
     sleep_passes: int = Field(default=4, ge=1, le=64)
     # Longest interaction text accepted, in UTF-8 bytes; longer goes to dead letters.

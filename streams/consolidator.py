@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A job whose fast weights never came back (a sleep worker died) is sent again after this.
-RETRY_SECONDS = 600.0
-
 
 def count_tokens(event: Interaction) -> int:
     """Tokens the event adds to the scope's memory: its canonical rendering (contract 2)."""
@@ -73,12 +70,17 @@ class ConsolidationTracker:
         chunk_tokens: int,
         idle_seconds: float,
         passes: int,
+        retry_seconds: float = 600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.table = table
         self.chunk_tokens = chunk_tokens
         self.idle_seconds = idle_seconds
         self.passes = passes
+        # A job whose fast weights never came back (a sleep worker died, or deferred it
+        # because its events were not readable yet) is sent again after this long; a
+        # resent job has the same id, so it never yields a second version.
+        self.retry_seconds = retry_seconds
         self.clock = clock
 
     def progress(self, scope_id: str) -> ScopeProgress:
@@ -122,7 +124,7 @@ class ConsolidationTracker:
         now, jobs = self.clock(), []
         for scope_id in list(self.table.keys()):
             p = self.progress(scope_id)
-            if p.in_flight_job is not None and now - p.in_flight_since >= RETRY_SECONDS:
+            if p.in_flight_job is not None and now - p.in_flight_since >= self.retry_seconds:
                 self._save(scope_id, replace(p, in_flight_since=now))
                 jobs.append(SleepJob(**p.in_flight_job))
                 continue
@@ -204,6 +206,7 @@ def install(
         chunk_tokens=settings.chunk_tokens,
         idle_seconds=settings.idle_seconds,
         passes=settings.sleep_passes,
+        retry_seconds=settings.sleep_job_retry_seconds,
     )
 
     async def emit(job: SleepJob | None) -> None:

@@ -146,6 +146,9 @@ class Cluster:
             "MKL_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             "SOMNA_HISTORY_WINDOW_SECONDS": "2",
+            # A job the sleep worker deferred or lost is sent again within a scenario's
+            # drain (the default, 10 min, is longer than any scenario).
+            "SOMNA_SLEEP_JOB_RETRY_SECONDS": "20",
             # As `somna up` runs it: a restarted stream worker takes its partitions back at
             # once (static membership) instead of after the 20 s session timeout.
             "SOMNA_STREAM_INSTANCE_ID": f"chaos-stream-{self.root.name}",

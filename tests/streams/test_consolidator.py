@@ -84,3 +84,19 @@ def test_retraction_rebuilds_what_was_consolidated():
     job = t.on_fast_weights(_published(2))
     assert job is not None and job.reason == "retraction"
     assert (job.from_watermark, job.to_watermark, job.parent_version) == (0, 2, None)
+
+
+def test_a_job_whose_weights_never_come_back_is_sent_again_with_its_id():
+    clock = Clock()
+    t = ConsolidationTracker({}, chunk_tokens=30, idle_seconds=5.0, passes=2,
+                             retry_seconds=20.0, clock=clock)  # fmt: skip
+    job = t.on_interaction(_turn(0), 0, 40)
+    assert job is not None
+    clock.t += 19
+    assert t.due() == []
+    clock.t += 2
+    assert [j.job_id for j in t.due()] == [job.job_id]  # the same id: never a second version
+    assert t.due() == []  # and not again until another retry period has passed
+    assert t.on_fast_weights(_published(0)) is None  # its weights came: nothing in flight
+    clock.t += 60
+    assert t.due() == []
