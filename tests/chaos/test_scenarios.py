@@ -53,9 +53,11 @@ def test_forged_fast_weights(chaos_cluster: Cluster) -> None:
 def test_kill_sleep_worker(chaos_cluster: Cluster) -> None:
     out = scenarios.kill_sleep_worker(chaos_cluster)
     _check(out, chaos_cluster)
-    assert out.details["jobs_unfinished"] == 0
-    assert out.details["jobs_with_two_versions"] == 0
-    assert out.details["jobs_registered_twice"] == 0
+    # The sleep worker's own account, for a failure that the temp dir would take away.
+    sleep_log = f"\n--- sleep worker:\n{chaos_cluster.sleep.tail(80)}"
+    assert out.details["jobs_unfinished"] == 0, sleep_log
+    assert out.details["jobs_with_two_versions"] == 0, sleep_log
+    assert out.details["jobs_registered_twice"] == 0, sleep_log
 
 
 def test_mlflow_kill(chaos_cluster: Cluster) -> None:
