@@ -86,8 +86,8 @@ def _check_registered(
     expected_scope: str,
     registered: ModelVersion | None,
 ) -> None:
-    """Refuse ``published`` unless the registry holds that version for that scope, with
-    the same sha256 and artifact URI."""
+    """Refuse ``published`` unless the registry holds that version for that scope, and
+    the version's lineage tags match the event in every field."""
     mv = registered
     if mv is None or (mv.name, str(mv.version)) != (
         fast_weights_model_name(expected_scope),

@@ -61,12 +61,17 @@ class EngineThread:
 
 
 def install(
-    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings, engine: Engine
+    app: faust.App,
+    topics: Topics,
+    dlq: DeadLetterPolicy,
+    skips: SkipCheck,
+    settings: Settings,
+    engine: Engine,
 ) -> None:
     """Register the agent's three Faust agents on ``app``."""
     thread = EngineThread()
     loader = ScopeLoader(settings)
-    check = SkipCheck(app, settings.bootstrap, "agent", [INTERACTIONS])
+    check = skips.role("agent", [INTERACTIONS])
     turns_dlq = dlq.claim(topics.interactions.get_topic_name())
     weights_dlq = dlq.claim(topics.fast_weights.get_topic_name())
     retractions_dlq = dlq.claim(topics.retractions.get_topic_name())

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from streams import metrics
-from streams.gaps import SkipCheck
 from streams.records import FastWeightsPublished, Interaction, SleepJob
 
 if TYPE_CHECKING:
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from infra.settings import Settings
     from streams.app import Topics
     from streams.dead_letters import DeadLetterPolicy
+    from streams.gaps import SkipCheck
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ TABLE_NAME = "somna-consolidation"
 
 
 def install(
-    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings
+    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, skips: SkipCheck, settings: Settings
 ) -> ConsolidationTracker:
     """Three agents (interactions, fast-weights, retractions) and an idle timer over one table.
 
@@ -222,9 +222,7 @@ def install(
             )
 
     consumed = [topics.interactions, topics.fast_weights, topics.retractions]
-    check = SkipCheck(
-        app, settings.bootstrap, "consolidator", [t.get_topic_name() for t in consumed]
-    )
+    check = skips.role("consolidator", [t.get_topic_name() for t in consumed])
 
     def consumer(topic: faust.TopicT, kind: type, handle: Callable) -> None:
         policy = dlq.claim(topic.get_topic_name())

@@ -91,36 +91,60 @@ async def resume_offsets(
 
 
 class SkipCheck:
-    """The skipped-offsets check of one role: an :class:`OffsetGuard` per topic it
-    consumes, reset after every rebalance of ``app``'s group, and a reader for read-backs.
+    """The skipped-offsets check of a worker's roles: after every rebalance of ``app``'s
+    group, one query of its committed offsets resets the guards of every role (each role
+    sees its own records, so each keeps its own guards), and one reader reads back.
 
     Faust sends ``on_rebalance_complete`` after the assignment and the table restore and
     before it resumes the stream partitions, so the committed offsets read then are the
     ones the streams are about to resume from."""
 
-    def __init__(self, app: faust.App, bootstrap: str, role: str, topics: Iterable[str]) -> None:
-        self.role = role
-        self.guards = {topic: OffsetGuard(topic) for topic in topics}
+    def __init__(self, app: faust.App, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
         self.reader = PartitionReader(bootstrap)
+        self._roles: list[RoleCheck] = []
 
         @app.on_rebalance_complete.connect
         async def expect_committed(sender: object, **kwargs: object) -> None:
+            topics = {topic for role in self._roles for topic in role.guards}
             owned = [
                 TopicPartition(tp.topic, tp.partition)
                 for tp in app.consumer.assignment()
-                if tp.topic in self.guards
+                if tp.topic in topics
             ]
-            await self._reset(bootstrap, app.conf.id, owned)
+            offsets = await self._committed(app.conf.id, owned)
+            for role in self._roles:
+                role.reset(offsets)
 
-    async def _reset(self, bootstrap: str, group_id: str, owned: list[TopicPartition]) -> None:
+    def role(self, name: str, topics: Iterable[str]) -> RoleCheck:
+        """The check of one role, over the topics it consumes."""
+        check = RoleCheck(name, topics, self.reader)
+        self._roles.append(check)
+        return check
+
+    async def _committed(
+        self, group_id: str, owned: list[TopicPartition]
+    ) -> dict[TopicPartition, int]:
         try:
-            offsets = await asyncio.wait_for(
-                resume_offsets(bootstrap, group_id, owned), QUERY_TIMEOUT
+            return await asyncio.wait_for(
+                resume_offsets(self.bootstrap, group_id, owned), QUERY_TIMEOUT
             )
         except Exception as e:  # noqa: BLE001 (never fail a rebalance over a safety check)
             # The broker is down during the rebalance: check from each first record on.
-            log.warning("%s: committed offsets not available (%s)", self.role, e)
-            offsets = {}
+            log.warning("committed offsets not available (%s): gaps checked from each "
+                        "partition's first record on", e)  # fmt: skip
+            return {}
+
+
+class RoleCheck:
+    """One role's :class:`OffsetGuard` per topic it consumes (see :class:`SkipCheck`)."""
+
+    def __init__(self, role: str, topics: Iterable[str], reader: PartitionReader) -> None:
+        self.role = role
+        self.guards = {topic: OffsetGuard(topic) for topic in topics}
+        self.reader = reader
+
+    def reset(self, offsets: dict[TopicPartition, int]) -> None:
         for topic, guard in self.guards.items():
             guard.reset({tp.partition: o for tp, o in offsets.items() if tp.topic == topic})
 

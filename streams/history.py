@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from infra.settings import Settings
     from streams.app import Topics
     from streams.dead_letters import DeadLetterPolicy
+    from streams.gaps import SkipCheck
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,9 @@ MAX_WINDOW_ROWS = 10_000  # a window closes early when it holds this many rows
 WRITE_RETRY_SECONDS = 5.0
 
 
-def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Settings) -> None:
+def install(
+    app: faust.App, topics: Topics, dlq: DeadLetterPolicy, skips: SkipCheck, settings: Settings
+) -> None:
     """One history agent per topic: a tumbling window of rows, flushed, then acked.
 
     ``take_events`` acks a window's events only after the loop body returns, and the body
@@ -353,13 +356,12 @@ def install(app: faust.App, topics: Topics, dlq: DeadLetterPolicy, settings: Set
     import asyncio
 
     from consolidation.retraction_record import retracted_event_ids
-    from streams.gaps import SkipCheck
     from streams.records import Retraction
 
     retracted = RetractedEvents(lambda scope: retracted_event_ids(settings.tracking_uri, scope))
     files = asyncio.Lock()
     sinks = [topics.interactions.get_topic_name(), topics.replies.get_topic_name()]
-    check = SkipCheck(app, settings.bootstrap, "history", sinks)
+    check = skips.role("history", sinks)
 
     def sink_agent(topic: faust.TopicT, kind: type[Interaction | Reply], name: str) -> None:
         sink = HistorySink(settings.history_dir, retracted)

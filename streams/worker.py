@@ -21,6 +21,7 @@ from streams.app import ALL_ROLES, create_app, declare_topics, group_id
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, NullEngine
 from streams.exceptions import StreamsError
+from streams.gaps import SkipCheck
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def build(
         return await topics.dead_letters.send(key=key, value=value)
 
     dlq = DeadLetterPolicy(send_dead_letter, max_text_bytes=settings.max_text_bytes)
+    skips = SkipCheck(app, settings.bootstrap)  # one committed-offsets query per rebalance
     # The agent claims its topics first: bad input is reported once, by the first role.
     if "agent" in roles:
         from streams import agent
@@ -77,16 +79,16 @@ def build(
                     f"SOMNA_STREAM_ENGINE must be one of {sorted(ENGINES)}, got {name!r}"
                 )
             engine = ENGINES[name](settings)
-        agent.install(app, topics, dlq, settings, engine)
+        agent.install(app, topics, dlq, skips, settings, engine)
 
     if "history" in roles:
         from streams import history
 
-        history.install(app, topics, dlq, settings)
+        history.install(app, topics, dlq, skips, settings)
     if "consolidator" in roles:
         from streams import consolidator
 
-        consolidator.install(app, topics, dlq, settings)
+        consolidator.install(app, topics, dlq, skips, settings)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
