@@ -2,7 +2,7 @@
 
 1. Throughput: a backlog of N user turns is answered (a) by a raw aiokafka loop that
    consumes, decodes, produces a reply (acks=all) and commits: the floor any framework
-   adds to; (b) by the Faust agent with the null engine (no model: the streaming overhead
+   adds to; (b) by the agent (its aiokafka intake) with the null engine (no model: the streaming overhead
    alone); (c) by a Faust agent that only replies a constant (Faust's own share); then
    (a) again. All are timed the same way, from the CreateTime of the first reply to the
    n-th, read after the run so that no reader competes for the CPUs, and each also
@@ -39,11 +39,12 @@ from rich.table import Table
 
 from infra.settings import Settings
 from infra.topics import INTERACTIONS, REPLIES
+from streams.agent_consumer import agent_group_id
 from streams.records import Interaction, Reply, decode, now, reply_id_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
-# The agent's producer linger (Faust's producer_linger): the raw loop's is the same.
+# The agent's producer linger (streams/agent_consumer.py): the raw loop's is the same.
 AGENT_LINGER_MS = 0
 console = Console()
 
@@ -250,8 +251,9 @@ async def watch_agent(
 def faust_floor_main() -> None:
     """``python -m benchmarks.pipeline --faust-floor``: the agent's Faust part alone.
 
-    The same App, topic and ``take_events`` batches as ``streams/agent.py``, replying a
-    constant to each event without decoding it: what Faust's intake and producer cost."""
+    The same App and topic, and the ``take_events`` batches the agent used when it ran on
+    Faust, replying a constant to each event without decoding it: what Faust's intake and
+    producer cost (the agent now has its own consumer: streams/agent_consumer.py)."""
     import faust
 
     from streams.app import create_app, declare_topics
@@ -259,11 +261,11 @@ def faust_floor_main() -> None:
     settings = Settings()
     app = create_app(settings, app_id=settings.stream_group or "bench-floor")
     topics = declare_topics(app)
-    from streams.agent import BATCH_WINDOW, MAX_BATCH
 
     @app.agent(topics.interactions)
     async def floor(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(MAX_BATCH, within=BATCH_WINDOW):
+        # The batches the agent took when it ran on Faust: 128 events or 5 ms.
+        async for events in stream.take_events(128, within=0.005):
             for ev in events:
                 await app.producer.send(REPLIES, ev.key, b"{}", None, None, None)
 
@@ -291,7 +293,11 @@ def throughput(bootstrap: str, tmp: Path, n: int) -> dict:
             continue
         env = worker_env(bootstrap, None, tmp, "null")
         # The worker's new group starts at the backlog, not at older turns of the broker.
-        asyncio.run(skip_to_end(bootstrap, env["SOMNA_STREAM_GROUP"], at=start))
+        # The agent consumes in a group of its own (streams/agent_consumer.py).
+        group = env["SOMNA_STREAM_GROUP"]
+        asyncio.run(
+            skip_to_end(bootstrap, agent_group_id(group) if run_ == "agent" else group, at=start)
+        )
         argv = ["-m", "streams.worker", "agent"]
         if run_ == "floor":
             argv = ["-m", "benchmarks.pipeline", "--faust-floor", "worker"]
@@ -401,7 +407,7 @@ async def skip_to_end(
     bootstrap: str, group: str, at: dict[TopicPartition, int] | None = None
 ) -> None:
     """Commit the current end of the agent's topics (or ``at``, for some of their
-    partitions) as ``group``'s starting point."""
+    partitions) as ``group``'s starting point (the agent's group: ``agent_group_id``)."""
     from infra.topics import FAST_WEIGHTS, RETRACTIONS
 
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
@@ -445,7 +451,7 @@ def latency(bootstrap: str, uri: str, tmp: Path, users: int, turns: int, rounds:
         ensure_base_model(uri)  # the shipped checkpoint
     env = worker_env(bootstrap, uri, tmp, "model")
     # The throughput backlog is not for the model: the new group starts after it.
-    asyncio.run(skip_to_end(bootstrap, env["SOMNA_STREAM_GROUP"]))
+    asyncio.run(skip_to_end(bootstrap, agent_group_id(env["SOMNA_STREAM_GROUP"])))
     worker = spawn(["-m", "streams.worker", "agent"], env, tmp / "worker-model.log")
     out: dict = {"users": users, "turns_per_user": turns, "rounds": rounds}
     ms: dict[str, list[float]] = {phase: [] for phase, _, _ in PHASES}
@@ -536,7 +542,7 @@ def _print(result: dict) -> None:
     t.add_column("target", justify="right")
     tp = result["throughput"]
     t.add_row("raw aiokafka loop, events/s", f"{tp['raw_events_per_s']:.0f}", "")
-    t.add_row("Faust agent (null model), events/s", f"{tp['agent_events_per_s']:.0f}", "")
+    t.add_row("agent (null model), events/s", f"{tp['agent_events_per_s']:.0f}", "")
     t.add_row(
         "Faust alone (no decode, constant reply), events/s",
         f"{tp['faust_floor_events_per_s']:.0f}",

@@ -1,18 +1,20 @@
 """The inference agent: interactions in, replies out; fast-weight swaps and retractions.
 
-Three Faust agents share one :class:`~streams.engine.Engine` (the model and each scope's
-memory). All engine calls run in one dedicated thread, in arrival order: torch work never
-blocks the event loop (heartbeats, fetches and produces go on meanwhile), and a scope's
-memory is only ever touched by that thread. Consolidation never runs here (invariant 2):
-the agent only reads what the sleep workers publish.
+The agent's intake is its own consumer group (``streams/agent_consumer.py``: a plain
+aiokafka consumer of interactions, fast weights and retractions, co-partitioned), hosted
+in the stream worker's event loop beside the Faust App that runs the other roles and the
+timers. One :class:`~streams.engine.Engine` holds the model and each scope's memory. All
+engine calls run in one dedicated thread, in arrival order: torch work never blocks the
+event loop (heartbeats, fetches and produces go on meanwhile), and a scope's memory is
+only ever touched by that thread. Consolidation never runs here (invariant 2): the agent
+only reads what the sleep workers publish.
 
-Per micro-batch (``take_events``: up to ``MAX_BATCH`` turns or ``BATCH_WINDOW`` seconds):
-decode (bad input -> dead letters), answer the turns of scopes in memory while the others
-load (their live fast weights and the events after its watermark, read back from the
-topic; all installed in one batched wake), then answer those, and produce the replies
-keyed by scope. Offsets are acked only after the replies are sent.
-A turn the consumer skipped (Faust's recovery can drop records after a rebalance) is
-noticed by its offset and read back from the topic before the next one (streams/gaps.py).
+Per fetched batch (up to ``MAX_RECORDS`` records): decode (bad input -> dead letters),
+answer the turns of scopes in memory while the others load (their live fast weights and
+the events after its watermark, read back from the topic; all installed in one batched
+wake), then answer those, and produce the replies keyed by scope; hand fast weights to
+the :class:`~streams.swaps.Swapper` and apply retractions on the engine thread. Offsets
+are committed only after the replies are acked (at least once).
 """
 
 from __future__ import annotations
@@ -26,22 +28,21 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import faust
+import mode
+from aiokafka import ConsumerRecord
 
 from infra.settings import Settings
-from infra.topics import INTERACTIONS, REPLIES
+from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETRACTIONS
 from streams import metrics
-from streams.app import Topics
+from streams.agent_consumer import AgentConsumer, Batch, SendFn, agent_group_id
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, Turn
-from streams.gaps import SkipCheck
 from streams.loader import ScopeLoader
 from streams.records import FastWeightsPublished, Interaction, Retraction
 from streams.swaps import Swapper
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 128  # turns answered per engine call
-BATCH_WINDOW = 0.005  # seconds a batch waits to fill: a bound on the latency it adds
 SLOW_BATCH_SECONDS = 0.3  # a batch slower than this is logged with where its time went
 
 T = TypeVar("T")
@@ -61,86 +62,164 @@ class EngineThread:
 
 
 def install(
-    app: faust.App,
-    topics: Topics,
-    dlq: DeadLetterPolicy,
-    skips: SkipCheck,
-    settings: Settings,
-    engine: Engine,
-) -> None:
-    """Register the agent's three Faust agents on ``app``."""
+    app: faust.App, dlq: DeadLetterPolicy, settings: Settings, engine: Engine
+) -> AgentConsumer:
+    """Run the agent in ``app``'s worker: its consumer starts and stops with the App."""
     thread = EngineThread()
-    loader = ScopeLoader(settings)
-    check = skips.role("agent", [INTERACTIONS])
-    turns_dlq = dlq.claim(topics.interactions.get_topic_name())
-    weights_dlq = dlq.claim(topics.fast_weights.get_topic_name())
-    retractions_dlq = dlq.claim(topics.retractions.get_topic_name())
+    intake = AgentConsumer(settings, agent_group_id(app.conf.id))
+    agent = Agent(engine, thread, ScopeLoader(settings), dlq, intake.send, settings)
 
-    consumed = metrics.EVENTS.labels(role="agent", topic=topics.interactions.get_topic_name())
+    @app.service
+    class AgentService(mode.Service):
+        """The agent's consumer as a service of the App: started and stopped with it."""
 
-    @app.agent(topics.interactions, name="somna-agent-interactions")
-    async def answer(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(MAX_BATCH, within=BATCH_WINDOW):
-            turns: list[Turn] = []
-            consumed.inc(len(events))  # once a batch: a labelled inc costs ~2 us an event
-            for ev in events:
-                msg = ev.message
-                for r in await check.skipped(msg.topic, msg.partition, msg.offset):
-                    skipped = await turns_dlq.decode_record(r, Interaction)
-                    _keep(turns, skipped, r.partition, r.offset, r.timestamp / 1000.0)
-                event = await turns_dlq.decode_event(ev, Interaction)
-                _keep(turns, event, msg.partition, msg.offset, msg.timestamp)
-            if not turns:
-                continue
-            # Scopes in memory are answered first; the cold ones (read back from the
-            # registry and the topic, which takes long) load meanwhile and follow.
-            cold = {t.event.scope_id for t in turns if not engine.loaded(t.event.scope_id)}
-            if not cold:
-                await _answer(turns, time.time(), None)
-                continue
-            warm = [t for t in turns if t.event.scope_id not in cold]
-            rest = [t for t in turns if t.event.scope_id in cold]
-            t_taken = time.time()
-            # The warm batch is queued on the engine thread before the cold scopes'
-            # install, so loading cannot evict a scope it is about to answer.
-            loading = asyncio.create_task(_load_missing(rest))
+        async def on_start(self) -> None:
+            await intake.start(agent)
+
+        async def on_stop(self) -> None:
+            await intake.stop()
+
+        @mode.Service.task
+        async def _watch(self) -> None:
             try:
-                if warm:
-                    await _answer(warm, t_taken, None)
-            finally:
-                await loading
-            await _answer(rest, t_taken, time.time())
+                await intake.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the loop died (a reply not delivered): stop the worker
+                log.exception("agent intake stopped")
+                await self.crash(e)
 
-    async def _answer(turns: list[Turn], t_taken: float, t_loaded: float | None) -> None:
+    @app.timer(interval=5.0)
+    async def report_live_scopes() -> None:
+        metrics.LIVE_SCOPES.set(engine.live_scopes())
+
+    if engine.uses_fast_weights:
+        _watch_base_model(app, settings, engine, thread)
+    return intake
+
+
+class Agent:
+    """What the agent does with a fetched batch (driven by :class:`AgentConsumer`)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        thread: EngineThread,
+        loader: ScopeLoader,
+        dlq: DeadLetterPolicy,
+        send: SendFn,
+        settings: Settings,
+    ) -> None:
+        self.engine = engine
+        self.thread = thread
+        self.loader = loader
+        self.send = send
+        self.swapper = Swapper(engine, thread, loader)
+
+        # Dead letters go through the agent's producer, so its commits wait for them too.
+        async def send_dead_letter(key: bytes | None, value: bytes) -> None:
+            await send(DEAD_LETTERS, key, value)
+
+        def policy(topic: str) -> DeadLetterPolicy:
+            claimed = dlq.claim(topic)  # the first role of the worker to claim reports
+            return DeadLetterPolicy(
+                send_dead_letter, max_text_bytes=settings.max_text_bytes, silent=claimed.silent
+            )
+
+        self.turns_dlq = policy(INTERACTIONS)
+        self.weights_dlq = policy(FAST_WEIGHTS)
+        self.retractions_dlq = policy(RETRACTIONS)
+        self.consumed = metrics.EVENTS.labels(role="agent", topic=INTERACTIONS)
+        self._last_slow_log = 0.0
+
+    async def handle(self, batch: Batch) -> None:
+        # Swaps first: submitting only queues them (streams/swaps.py), so a publish does
+        # not wait for this batch's answers before its weights are fetched.
+        if batch.get(FAST_WEIGHTS):
+            await self._weights(batch[FAST_WEIGHTS])
+        records = batch.get(INTERACTIONS)
+        if records:
+            await self._turns(records)
+        for r in batch.get(RETRACTIONS, ()):
+            # After the batch's turns: a retraction of one of them finds it installed.
+            retraction = await self.retractions_dlq.decode_record(r, Retraction)
+            if retraction is not None and self.engine.loaded(retraction.scope_id):
+                await self.thread.call(self.engine.retract, retraction)
+
+    async def assigned(self, partitions: set[int]) -> None:
+        dropped = await self.thread.call(self.engine.keep_partitions, partitions)
+        if dropped:
+            log.info("rebalance: forgot %d scopes of partitions no longer ours", dropped)
+
+    async def _turns(self, records: list[ConsumerRecord]) -> None:
+        engine = self.engine
+        self.consumed.inc(len(records))  # once a batch: a labelled inc costs ~2 us an event
+        turns: list[Turn] = []
+        for r in records:
+            event = await self.turns_dlq.decode_record(r, Interaction)
+            self._keep(turns, event, r.partition, r.offset, r.timestamp / 1000.0)
+        if not turns:
+            return
+        # Scopes in memory are answered first; the cold ones (read back from the
+        # registry and the topic, which takes long) load meanwhile and follow.
+        cold = {t.event.scope_id for t in turns if not engine.loaded(t.event.scope_id)}
+        if not cold:
+            await self._answer(turns, time.time(), None)
+            return
+        warm = [t for t in turns if t.event.scope_id not in cold]
+        rest = [t for t in turns if t.event.scope_id in cold]
+        t_taken = time.time()
+        # The warm batch is queued on the engine thread before the cold scopes'
+        # install, so loading cannot evict a scope it is about to answer.
+        loading = asyncio.create_task(self._load_missing(rest))
+        try:
+            if warm:
+                await self._answer(warm, t_taken, None)
+        finally:
+            await loading
+        await self._answer(rest, t_taken, time.time())
+
+    async def _weights(self, records: list[ConsumerRecord]) -> None:
+        burst: list[tuple[FastWeightsPublished, float | None]] = []
+        for r in records:
+            published = await self.weights_dlq.decode_record(r, FastWeightsPublished)
+            # A scope not in memory loads its live weights when it next speaks.
+            if (
+                published is not None
+                and self.engine.uses_fast_weights
+                and self.engine.loaded(published.scope_id)
+            ):
+                burst.append((published, r.timestamp / 1000.0))
+        await self.swapper.submit(burst)  # queued, not done: see streams/swaps.py
+
+    async def _answer(self, turns: list[Turn], t_taken: float, t_loaded: float | None) -> None:
         """Answer ``turns`` of scopes in memory and send the replies."""
         started: list[float] = []
-        if engine.blocking:
-            replies = await thread.call(_timed, started, engine.answer, turns)
+        if self.engine.blocking:
+            replies = await self.thread.call(_timed, started, self.engine.answer, turns)
         else:
-            replies = engine.answer(turns)
-        _log_if_slow(turns, t_taken, t_loaded or t_taken, started)
+            replies = self.engine.answer(turns)
+        self._log_if_slow(turns, t_taken, t_loaded or t_taken, started)
         for reply in replies:
-            # Straight to the producer (Faust's topic.send adds per-message bookkeeping we
-            # do not use); Faust flushes it before committing the offsets. The send only
-            # enqueues: no reply waits for another's delivery.
-            await app.producer.send(
-                REPLIES, reply.scope_id.encode(), reply.to_bytes(), None, None, None
-            )
+            # The send only enqueues: no reply waits for another's delivery; the offsets
+            # wait for all of them (streams/agent_consumer.py).
+            await self.send(REPLIES, reply.scope_id.encode(), reply.to_bytes())
             metrics.TURN_LATENCY.observe(reply.latency_ms / 1000.0)
         metrics.REPLIES.inc(len(replies))
 
     def _keep(
-        turns: list[Turn], event: Interaction | None, partition: int, offset: int, ts: float
+        self, turns: list[Turn], event: Interaction | None, partition: int, offset: int, ts: float
     ) -> None:
         if event is None:
             return
         turn = Turn(event, partition, offset, ts)
         # An old turn of a scope not in memory: nothing to do now; the loader reads it
         # back from the topic if the scope speaks again.
-        if not (turn.stale and not engine.loaded(event.scope_id)):
+        if not (turn.stale and not self.engine.loaded(event.scope_id)):
             turns.append(turn)
 
-    async def _load_missing(turns: list[Turn]) -> None:
+    async def _load_missing(self, turns: list[Turn]) -> None:
+        engine = self.engine
         # The first offset of each scope in this batch: memory is rebuilt up to just before.
         first: dict[str, tuple[int, int]] = {}
         for t in turns:
@@ -154,23 +233,20 @@ def install(
             by_partition[partition][scope] = offset
         snapshots = {}
         for partition, upto in by_partition.items():
-            snapshots |= await loader.load(partition, upto, with_weights=engine.uses_fast_weights)
-        await thread.call(engine.install, snapshots)
+            snapshots |= await self.loader.load(
+                partition, upto, with_weights=engine.uses_fast_weights
+            )
+        await self.thread.call(engine.install, snapshots)
 
-    def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
-        started.append(time.time())  # when the engine thread took it: queue wait before
-        return fn(*args)
-
-    last_slow_log = 0.0
-
-    def _log_if_slow(turns: list[Turn], taken: float, loaded: float, started: list[float]) -> None:
+    def _log_if_slow(
+        self, turns: list[Turn], taken: float, loaded: float, started: list[float]
+    ) -> None:
         # Only turns someone waits for; at most once a second (a backlog is slow throughout).
-        nonlocal last_slow_log
         done = time.time()
         asked = [t.produced_at for t in turns if t.wants_reply and t.produced_at]
-        if not asked or done - min(asked) < SLOW_BATCH_SECONDS or done - last_slow_log < 1:
+        if not asked or done - min(asked) < SLOW_BATCH_SECONDS or done - self._last_slow_log < 1:
             return
-        last_slow_log = done
+        self._last_slow_log = done
         oldest = min(asked)
         start = started[0] if started else loaded
         # benchmarks/swap.py: where a slow reply's time went, on the agent's side.
@@ -181,43 +257,10 @@ def install(
             (start - loaded) * 1000, (done - start) * 1000,
         )  # fmt: skip
 
-    swapper = Swapper(engine, thread, loader)
 
-    @app.agent(topics.fast_weights, name="somna-agent-fast-weights")
-    async def swap(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(256, within=0.005):
-            burst: list[tuple[FastWeightsPublished, float | None]] = []
-            for ev in events:
-                published = await weights_dlq.decode_event(ev, FastWeightsPublished)
-                # A scope not in memory loads its live weights when it next speaks.
-                if (
-                    published is not None
-                    and engine.uses_fast_weights
-                    and engine.loaded(published.scope_id)
-                ):
-                    burst.append((published, ev.message.timestamp))
-            await swapper.submit(burst)
-
-    @app.agent(topics.retractions, name="somna-agent-retractions")
-    async def retract(stream: faust.StreamT) -> None:
-        async for ev in stream.events():
-            retraction = await retractions_dlq.decode_event(ev, Retraction)
-            if retraction is not None and engine.loaded(retraction.scope_id):
-                await thread.call(engine.retract, retraction)
-
-    @app.on_partitions_assigned.connect
-    async def keep_owned_scopes(sender: object, assigned: object = None, **kwargs: object) -> None:
-        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == INTERACTIONS}
-        dropped = await thread.call(engine.keep_partitions, owned)
-        if dropped:
-            log.info("rebalance: forgot %d scopes of partitions no longer ours", dropped)
-
-    @app.timer(interval=5.0)
-    async def report_live_scopes() -> None:
-        metrics.LIVE_SCOPES.set(engine.live_scopes())
-
-    if engine.uses_fast_weights:
-        _watch_base_model(app, settings, engine, thread)
+def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
+    started.append(time.time())  # when the engine thread took it: queue wait before
+    return fn(*args)
 
 
 def _watch_base_model(

@@ -11,6 +11,9 @@ Choices, and why:
 - Tables live in memory and are rebuilt from their changelog topic on start; no standby
   replicas, so that a table only ever holds the partitions this worker owns.
 - The consumer group id is the App id; roles split over processes get their own group.
+- The inference agent is not a Faust agent: it consumes in a group of its own, the App id
+  plus ``-agent`` (streams/agent_consumer.py), hosted as a service of this App. An App of
+  the agent role alone has no Faust agents, only the service and the timers.
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@
 Why a stream processor needs this: Faust 0.15's rebalance recovery resumes the stream
 partitions, *awaits* the seek to the committed offsets, and only then empties the streams'
 queues. Records fetched during that await are dropped from the queue of a role that was
-still busy (the inference agent), their re-fetched copies are discarded as already read,
-and the next commit moves past them: after a kill -9 of a stream worker, 14-31 of 120
-turns got no reply. A seek-first reordering of Faust's recovery fixed that but made a
-restarted consolidator miss records (see the issue-7 notes), so the check sits in our
-code, where it also catches any other way a record could be skipped.
+still busy (first seen with the inference agent), their re-fetched copies are discarded
+as already read, and the next commit moves past them: after a kill -9 of a stream worker,
+14-31 of 120 turns got no reply. A seek-first reordering of Faust's recovery fixed that
+but made a restarted consolidator miss records (see the issue-7 notes), so the check sits
+in our code, where it also catches any other way a record could be skipped.
+
+The Faust roles use it: history and consolidator. The inference agent no longer runs on
+Faust (streams/agent_consumer.py: a plain aiokafka consumer, whose positions have no such
+recovery step), so it has no check.
 
 :class:`OffsetGuard` knows, for each owned partition, the next offset the role has to
 see: the group's committed offset when the partition was assigned (taken before Faust

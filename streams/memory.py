@@ -26,8 +26,8 @@ where the time goes (``max_new_tokens`` decode steps each), are generated for al
 turns of a batch at once by ``generate_batch``: one decode step for every scope, each row
 at its own position with its own (left-padded) KV cache (``somna bench answer``). A scope
 with two user turns in a batch answers each from its state right after that turn's wake.
-The agent's micro-batching is at the Kafka level (``take_events``): one engine call per
-batch.
+The agent's micro-batching is at the Kafka level (one ``getmany`` of up to 128 records,
+streams/agent_consumer.py): one engine call per batch.
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ TURN_LATENCY = Histogram(
 DEAD_LETTERS = Counter(
     "somna_dead_letters_total", "Payloads sent to somna.dead-letters.", ["source_topic"]
 )
+# ``group``: a worker's Faust roles and its inference agent consume in groups of their own.
 CONSUMER_LAG = Gauge(
-    "somna_consumer_lag", "Messages behind the end of the partition.", ["topic", "partition"]
+    "somna_consumer_lag",
+    "Messages behind the end of the partition.",
+    ["group", "topic", "partition"],
 )
 READ_BACK = Counter(
     "somna_read_back_total",

@@ -1,10 +1,13 @@
-"""`somna worker stream`: the streaming worker, running the chosen roles in one Faust App.
+"""`somna worker stream`: the streaming worker, running the chosen roles in one event loop.
 
-Roles: ``agent`` (inference), ``history`` (Parquet), ``consolidator`` (sleep jobs). Each
-worker process joins the consumer group of its set of roles, so more processes with the
-same roles split the partitions between them (co-partitioned: a scope's interactions,
-fast weights and retractions always land on the same worker). SIGTERM and SIGINT stop
-the worker cleanly: Faust stops the agents, flushes the producer and commits offsets.
+Roles: ``agent`` (inference), ``history`` (Parquet), ``consolidator`` (sleep jobs). The
+history and consolidator roles are Faust agents of one App; the inference agent is a
+plain aiokafka consumer group hosted as a service of that App (streams/agent_consumer.py;
+group ``<App group>-agent``). Each worker process joins the consumer groups of its set of
+roles, so more processes with the same roles split the partitions between them
+(co-partitioned: a scope's interactions, fast weights and retractions always land on the
+same worker). SIGTERM and SIGINT stop the worker cleanly: Faust stops the agents, flushes
+the producer and commits offsets; the agent's service commits and leaves its group.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def build(
 
     dlq = DeadLetterPolicy(send_dead_letter, max_text_bytes=settings.max_text_bytes)
     skips = SkipCheck(app, settings.bootstrap)  # one committed-offsets query per rebalance
+    intake = None
     # The agent claims its topics first: bad input is reported once, by the first role.
     if "agent" in roles:
         from streams import agent
@@ -79,7 +83,7 @@ def build(
                     f"SOMNA_STREAM_ENGINE must be one of {sorted(ENGINES)}, got {name!r}"
                 )
             engine = ENGINES[name](settings)
-        agent.install(app, topics, dlq, skips, settings, engine)
+        intake = agent.install(app, dlq, settings, engine)
 
     if "history" in roles:
         from streams import history
@@ -93,21 +97,27 @@ def build(
     @app.timer(interval=5.0)
     async def report_lag() -> None:
         await report_consumer_lag(app)
+        if intake is not None:
+            try:
+                await intake.report_lag()
+            except Exception:  # best-effort telemetry, as below
+                log.debug("agent consumer lag not available", exc_info=True)
 
     return app
 
 
 async def report_consumer_lag(app: faust.App) -> None:
-    """Lag per assigned partition: the partition's end offset minus our position."""
+    """Lag per assigned partition of the Faust roles: the partition's end offset minus our
+    position (the agent's consumer reports its own: streams/agent_consumer.py)."""
     try:
         consumer = app.consumer
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             position = await consumer.position(tp)
             if highwater is not None and position is not None:
-                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(
-                    max(0, highwater - position)
-                )
+                metrics.CONSUMER_LAG.labels(
+                    group=app.conf.id, topic=tp.topic, partition=tp.partition
+                ).set(max(0, highwater - position))
     except Exception:  # lag is best-effort telemetry; never let it stop the worker
         log.debug("consumer lag not available", exc_info=True)
 

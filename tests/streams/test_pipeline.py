@@ -9,6 +9,7 @@ import json
 import pytest
 
 from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETRACTIONS, SLEEP_JOBS
+from streams.agent_consumer import agent_group_id
 from streams.history import read_history
 from streams.records import FastWeightsPublished, Reply, Retraction, SleepJob, reply_id_for
 
@@ -246,7 +247,7 @@ async def test_workers_split_partitions_and_lose_nothing_when_one_joins_or_leave
 ):
     import asyncio
 
-    group = stream_env["SOMNA_STREAM_GROUP"]
+    group = agent_group_id(stream_env["SOMNA_STREAM_GROUP"])  # the agent's own group
     scopes = [unique(f"s{i}") for i in range(12)]  # spread over the 4 partitions
     sent: list = []
 
