@@ -87,7 +87,12 @@ async def test_two_members_split_co_partitioned_and_commit_what_they_answered(ka
 
         def split() -> bool:
             owned = [m.consumer.consumer.assignment() for m in members]
-            return all(owned) and set().union(*owned) == everything
+            # aiokafka sets the assignment before it calls the listener: wait for both.
+            told = all(
+                m.owned == {tp.partition for tp in a if tp.topic == INTERACTIONS}
+                for m, a in zip(members, owned, strict=True)
+            )
+            return all(owned) and set().union(*owned) == everything and told
 
         await _until(split)
         for m in members:
