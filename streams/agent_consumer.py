@@ -32,7 +32,6 @@ from aiokafka.errors import KafkaError
 
 from infra.settings import Settings
 from infra.topics import FAST_WEIGHTS, INTERACTIONS, RETRACTIONS
-from streams import metrics
 
 log = logging.getLogger(__name__)
 
@@ -209,21 +208,6 @@ class AgentConsumer:
     async def _assigned(self, assigned: Iterable[TopicPartition]) -> None:
         assert self.handler is not None
         await self.handler.assigned({tp.partition for tp in assigned if tp.topic == INTERACTIONS})
-
-    # --- telemetry -------------------------------------------------------------------
-
-    async def report_lag(self) -> None:
-        """Lag per assigned partition: its end offset minus our position."""
-        if self.consumer is None:
-            return
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            if highwater is None:
-                continue
-            position = await asyncio.wait_for(self.consumer.position(tp), timeout=1)
-            metrics.CONSUMER_LAG.labels(
-                group=self.group_id, topic=tp.topic, partition=tp.partition
-            ).set(max(0, highwater - position))
 
 
 class _Listener(ConsumerRebalanceListener):

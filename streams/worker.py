@@ -12,9 +12,11 @@ the producer and commits offsets; the agent's service commits and leaves its gro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import faust
 
@@ -96,30 +98,26 @@ def build(
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
-        await report_consumer_lag(app)
-        if intake is not None:
-            try:
-                await intake.report_lag()
-            except Exception:  # best-effort telemetry, as below
-                log.debug("agent consumer lag not available", exc_info=True)
+        await report_consumer_lag(app.conf.id, app.consumer)
+        if intake is not None and intake.consumer is not None:
+            await report_consumer_lag(intake.group_id, intake.consumer)
 
     return app
 
 
-async def report_consumer_lag(app: faust.App) -> None:
-    """Lag per assigned partition of the Faust roles: the partition's end offset minus our
-    position (the agent's consumer reports its own: streams/agent_consumer.py)."""
+async def report_consumer_lag(group: str, consumer: Any) -> None:
+    """Lag per partition ``consumer`` (the Faust App's, or the agent's aiokafka one) is
+    assigned in ``group``: the partition's end offset minus our position."""
     try:
-        consumer = app.consumer
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
-            position = await consumer.position(tp)
+            position = await asyncio.wait_for(consumer.position(tp), timeout=1)
             if highwater is not None and position is not None:
                 metrics.CONSUMER_LAG.labels(
-                    group=app.conf.id, topic=tp.topic, partition=tp.partition
+                    group=group, topic=tp.topic, partition=tp.partition
                 ).set(max(0, highwater - position))
     except Exception:  # lag is best-effort telemetry; never let it stop the worker
-        log.debug("consumer lag not available", exc_info=True)
+        log.debug("consumer lag of %s not available", group, exc_info=True)
 
 
 def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
