@@ -232,12 +232,15 @@ async def _wait_for(cond, timeout: float = 120.0) -> None:
 
 async def _group_members(bootstrap: str, group: str) -> int:
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import GroupCoordinatorNotAvailableError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         described = await admin.describe_consumer_groups([group])
         return len(described[0].groups[0][5]) if described and described[0].groups else 0
+    except GroupCoordinatorNotAvailableError:
+        return 0  # a fresh broker has no offsets topic (no coordinator) until a group joins
     finally:
         await admin.close()
 
