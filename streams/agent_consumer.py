@@ -42,6 +42,11 @@ MAX_RECORDS = 128  # records per getmany: streams/agent.py answers them in one e
 # how late a due commit or a stop can be, not latency added to a turn.
 POLL_MS = 100
 COMMIT_INTERVAL = 1.0  # seconds between offset commits
+# How long the broker may hold a fetch with no new data (Kafka's default: 500 ms). aiokafka
+# keeps one fetch in flight per broker, without the partitions whose records are still
+# buffered: a turn arriving on such a partition waited for that fetch to time out (replies
+# 300-600 ms late under the swap bench's load). Short, it costs idle fetches, not latency.
+FETCH_MAX_WAIT_MS = 20
 # The Faust App's producer settings (streams/app.py): every reply acked by all replicas,
 # sent at once (no linger), retried through a broker outage rather than dropped.
 PRODUCER_REQUEST_TIMEOUT_MS = 1_200_000
@@ -89,7 +94,6 @@ class AgentConsumer:
         self._done: dict[TopicPartition, int] = {}  # next offset, once those are acked
         self._last_commit = time.monotonic()
         self._busy = asyncio.Lock()  # held while a batch is processed or offsets committed
-        self._generation = 0  # bumped on revoke: a batch fetched before it is dropped
         self._stopping = False
         self._failed: BaseException | None = None  # a delivery failed: never commit again
         self._task: asyncio.Task | None = None
@@ -105,6 +109,7 @@ class AgentConsumer:
             partition_assignment_strategy=(RangePartitionAssignor,),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_MS,
         )
@@ -156,12 +161,16 @@ class AgentConsumer:
         while not self._stopping:
             if self._failed is not None:
                 raise self._failed
-            generation = self._generation
+            # getmany may span a whole rebalance: it waits out the reassignment and returns
+            # records of the new assignment, whose positions it has already moved past. So
+            # every record it returns of a partition still ours is answered; dropping one
+            # would let a later commit skip it (a lost turn). Records of a partition revoked
+            # since are not ours: its new owner starts from the committed offset.
             fetched = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
             async with self._busy:
-                if fetched and generation == self._generation:
-                    # Records of partitions revoked meanwhile are not ours to answer: the
-                    # positions restart from the committed offsets after a rebalance.
+                owned = self.consumer.assignment()
+                fetched = {tp: rs for tp, rs in fetched.items() if tp in owned}
+                if fetched:
                     await self.handler.handle(_by_topic(fetched))
                     for tp, records in fetched.items():
                         self._done[tp] = records[-1].offset + 1
@@ -200,7 +209,6 @@ class AgentConsumer:
                 self._done.setdefault(tp, o)
 
     async def _revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._generation += 1
         async with self._busy:  # the batch in hand finishes first
             await self._commit()
             self._done.clear()
