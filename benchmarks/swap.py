@@ -301,16 +301,16 @@ async def _measure(
 
 _SWAP_LINE = re.compile(
     r"^(\S+ \S+),(\d{3}) INFO streams\.swaps: fast weights (\S+) v(\S+) @\S+: swapped"
-    r"(?: \(taken (-?[\d.]+) ms after publish, fetch ([\d.]+) ms, engine ([\d.]+) ms\))?"
+    r"(?: \(taken (-?[\d.]+) ms after publish, fetch ([\d.]+) ms, stage ([\d.]+) ms\))?"
 )
-PARTS = ("taken", "fetch", "engine")  # the agent's own split of a swap, logged per swap
+PARTS = ("taken", "fetch", "stage")  # the agent's own split of a swap, logged per swap
 
 
 def agent_swap_delays(
     stream_log: Path, published_at: dict[tuple[str, str], float], scopes: set[str] | None = None
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Diagnostic split of the hot swap: publish -> the agent logs the swap as done, and
-    the agent's parts of it (publish -> taken off the topic, artifact fetch, engine call);
+    the agent's parts of it (publish -> taken off the topic, artifact fetch, staging);
     only for ``scopes`` when given."""
     delays: list[float] = []
     parts: dict[str, list[float]] = {k: [] for k in PARTS}
@@ -513,7 +513,7 @@ def _print(r: dict) -> None:
     )
     row("publish -> agent swapped, all scopes", r["publish_to_agent_swapped"], "agent's log")
     notes = {"taken": "publish -> the agent takes it", "fetch": "verify + load artifact",
-             "engine": "wait for the engine; stage (applied at the scope's next turn)"}  # fmt: skip
+             "stage": "after the scope's previous swap; stage (applied at its next turn)"}  # fmt: skip
     for k, summary in r.get("agent_swap_parts", {}).items():
         if summary["n"]:
             row(f"    agent: {k}", summary, notes[k])

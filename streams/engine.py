@@ -68,7 +68,9 @@ class Engine(Protocol):
         ...
 
     def swap(self, published: FastWeightsPublished, weights: Any) -> str:
-        """Swap in a scope's new S; returns the outcome ("swapped", "stale", ...)."""
+        """Stage a scope's new S, applied at its next use; returns the outcome ("swapped",
+        "stale", ...). Called on the event loop, not the engine thread: it must only
+        stage (no model work), safely beside an engine call running on that thread."""
         ...
 
     def retract(self, retraction: Retraction) -> bool: ...

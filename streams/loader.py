@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any, TypeVar
 
@@ -38,10 +39,13 @@ class ScopeLoader:
         self.settings = settings
         self.reader = PartitionReader(settings.bootstrap)
 
-    async def fetch_many(self, published: list[FastWeightsPublished]) -> list[Any | None]:
+    async def fetch_many(
+        self, published: list[FastWeightsPublished]
+    ) -> AsyncIterator[tuple[int, Any | None]]:
         """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
         scope at once): one registry lookup for all of them instead of one each, then the
-        artifacts, ``FETCH_CONCURRENCY`` at a time."""
+        artifacts, ``FETCH_CONCURRENCY`` at a time. Yields (index in ``published``,
+        weights or None) as each is ready: a swap need not wait for its whole burst."""
         from consolidation import blobs
         from consolidation.fast_weights_load import registered_versions
 
@@ -59,11 +63,13 @@ class ScopeLoader:
             records = {}
         limit = asyncio.Semaphore(FETCH_CONCURRENCY)
 
-        async def one(p: FastWeightsPublished) -> Any | None:
+        async def one(i: int, p: FastWeightsPublished) -> tuple[int, Any | None]:
             async with limit:
-                return await self.fetch_weights(p, registered=records.get((p.scope_id, p.version)))
+                registered = records.get((p.scope_id, p.version))
+                return i, await self.fetch_weights(p, registered=registered)
 
-        return list(await asyncio.gather(*(one(p) for p in published)))
+        for done in asyncio.as_completed([one(i, p) for i, p in enumerate(published)]):
+            yield await done
 
     async def fetch_weights(
         self, published: FastWeightsPublished, *, registered: Any | None = None

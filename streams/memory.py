@@ -9,7 +9,10 @@ watermark W, plus the events after W (pending, in the KV) woken with their Kafka
   W' (invariant 1); a refused or stale artifact leaves the previous version serving. An
   accepted swap is staged and applied when the scope is next used, for all scopes of an
   engine call together (``lm.swap_in_batch``: one batched wake of the events each keeps
-  after W'), so a burst of publishes costs only the scopes that speak, at batch prices;
+  after W'), so a burst of publishes costs only the scopes that speak, at batch prices.
+  Staging is called from the event loop while the engine thread may be answering (a swap
+  queued behind a 128-turn engine call waited ~200 ms for it), so ``staged`` and the
+  scope table are guarded by ``_staging``; model work never holds it;
 - a rollback (a publish older than what we serve, that the registry says is live): the
   dropped events cannot be put back from memory, so the scope is marked for a reload; the
   agent rebuilds it like an evicted one, from that version plus the topic after it;
@@ -33,6 +36,7 @@ streams/agent_consumer.py): one engine call per batch.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +81,8 @@ class ModelEngine:
         self._tok = ByteTokenizer()
         self._scopes: OrderedDict[str, ScopeMemory] = OrderedDict()
         self._reload: set[str] = set()  # scopes whose memory is kept only until a reload
+        # Guards ``staged`` and the table of scopes: swap() runs on the event loop.
+        self._staging = threading.Lock()
 
     # ---- memory -----------------------------------------------------------------------
     def loaded(self, scope_id: str) -> bool:
@@ -111,19 +117,24 @@ class ModelEngine:
             events = [(o, render_turn(e.role, e.text)) for o, e in snapshot.events if o > watermark]
             plans.append((scope_id, snapshot, weights, watermark, version, events))
         states = self.lm.rebuild_states([(w, mark, ev) for _, _, w, mark, _, ev in plans])
-        for (scope_id, snapshot, _, watermark, version, events), state in zip(
-            plans, states, strict=True
-        ):
-            offsets = {e.event_id: o for o, e in snapshot.events if o > watermark}
-            mem = ScopeMemory(state, version, offsets, partition=snapshot.partition)
-            mem.last_offset = max([watermark, *(o for o, _ in events)])
-            self._scopes[scope_id] = mem
-            self._reload.discard(scope_id)
-            self._scopes.move_to_end(scope_id)
-        while len(self._scopes) > self.max_scopes:
-            evicted, _ = self._scopes.popitem(last=False)
-            self._reload.discard(evicted)
-            log.debug("evicted scope %s from memory", evicted)
+        with self._staging:
+            for (scope_id, snapshot, _, watermark, version, events), state in zip(
+                plans, states, strict=True
+            ):
+                offsets = {e.event_id: o for o, e in snapshot.events if o > watermark}
+                mem = ScopeMemory(state, version, offsets, partition=snapshot.partition)
+                mem.last_offset = max([watermark, *(o for o, _ in events)])
+                old = self._scopes.get(scope_id)
+                if old is not None and old.staged is not None:
+                    # Staged while this snapshot was read: newer than it, or dropped then.
+                    mem.staged = old.staged
+                self._scopes[scope_id] = mem
+                self._reload.discard(scope_id)
+                self._scopes.move_to_end(scope_id)
+            while len(self._scopes) > self.max_scopes:
+                evicted, _ = self._scopes.popitem(last=False)
+                self._reload.discard(evicted)
+                log.debug("evicted scope %s from memory", evicted)
 
     def _base_weights(self, snapshot: ScopeSnapshot) -> tuple[dict, int, str | None]:
         w = snapshot.weights
@@ -156,21 +167,23 @@ class ModelEngine:
     def keep_partitions(self, partitions: set[int]) -> int:
         """After a rebalance: a partition we lost may be served by another worker meanwhile,
         so its scopes' memories would miss events; they are dropped and reload on demand."""
-        gone = [s for s, m in self._scopes.items() if m.partition not in partitions]
-        for scope in gone:
-            del self._scopes[scope]
-            self._reload.discard(scope)
+        with self._staging:
+            gone = [s for s, m in self._scopes.items() if m.partition not in partitions]
+            for scope in gone:
+                del self._scopes[scope]
+                self._reload.discard(scope)
         return len(gone)
 
     def set_base_model(self, lm: Any, version: str) -> int:
         """Serve ``lm`` from now on. Fast weights and KV are states of one base model, so
         every scope is dropped; each reloads when it next speaks, and ``_acceptable``
         then refuses live fast weights of the old base (until `somna memory rebuild`)."""
-        dropped = len(self._scopes)
-        self.lm = lm.eval()
-        self.base_model_version = version
-        self._scopes.clear()
-        self._reload.clear()
+        with self._staging:
+            dropped = len(self._scopes)
+            self.lm = lm.eval()
+            self.base_model_version = version
+            self._scopes.clear()
+            self._reload.clear()
         return dropped
 
     # ---- turns --------------------------------------------------------------------------
@@ -236,42 +249,48 @@ class ModelEngine:
         scope_id = turn.event.scope_id
         if scope_id not in self._scopes:  # the agent loads before answering; this is a fallback
             self.install({scope_id: ScopeSnapshot(None, None, partition=turn.partition)})
-        self._scopes.move_to_end(scope_id)
-        return self._scopes[scope_id]
+        with self._staging:
+            self._scopes.move_to_end(scope_id)
+            return self._scopes[scope_id]
 
     # ---- fast weights and retractions ---------------------------------------------------
     def swap(self, published: FastWeightsPublished, weights: Any) -> str:
         """Swap in a published version; "older" when its watermark is behind ours (a late
         publish, or a rollback: only the registry can tell, see ``streams/agent.py``)."""
-        mem = self._scopes.get(published.scope_id)
-        if mem is None:
-            return "not_loaded"
-        if weights.scope_id != published.scope_id or not self._acceptable(weights):
-            return "refused"
-        watermark, version = mem.state.watermark, mem.fast_weights_version
-        if mem.staged is not None:  # what the scope will serve from its next use
-            watermark, version = mem.staged[0].watermark, mem.staged[0].version
-        if published.watermark < watermark:
-            return "older"
-        if published.watermark == watermark and published.version == version:
-            return "stale"
-        mem.staged = (published, weights)
-        return "swapped"
+        with self._staging:
+            mem = self._scopes.get(published.scope_id)
+            if mem is None:
+                return "not_loaded"
+            if weights.scope_id != published.scope_id or not self._acceptable(weights):
+                return "refused"
+            watermark, version = mem.state.watermark, mem.fast_weights_version
+            if mem.staged is not None:  # what the scope will serve from its next use
+                watermark, version = mem.staged[0].watermark, mem.staged[0].version
+            if published.watermark < watermark:
+                return "older"
+            if published.watermark == watermark and published.version == version:
+                return "stale"
+            mem.staged = (published, weights)
+            return "swapped"
 
     def _apply_staged(self, mems: list[ScopeMemory]) -> None:
         """Swap in the staged fast weights of these scopes, all in one batched wake of
         the events each keeps after its new watermark."""
-        todo = [m for m in mems if m.staged is not None]
+        with self._staging:
+            todo = [(m, m.staged) for m in mems if m.staged is not None]
         if not todo:
             return
-        swaps = [(m.state, m.staged[1].tensors, m.staged[0].watermark) for m in todo]  # type: ignore[index]
-        for mem, state in zip(todo, self.lm.swap_in_batch(swaps), strict=True):
-            published = mem.staged[0]  # type: ignore[index]
-            mem.staged = None
-            mem.state = state
-            mem.fast_weights_version = published.version
-            mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
-            mem.last_offset = max(mem.last_offset, published.watermark)
+        swaps = [(m.state, staged[1].tensors, staged[0].watermark) for m, staged in todo]
+        states = self.lm.swap_in_batch(swaps)  # model work: outside the lock
+        with self._staging:
+            for (mem, staged), state in zip(todo, states, strict=True):
+                if mem.staged is staged:
+                    mem.staged = None  # else a newer one was staged meanwhile: next use
+                published = staged[0]
+                mem.state = state
+                mem.fast_weights_version = published.version
+                mem.offsets = {e: o for e, o in mem.offsets.items() if o > published.watermark}
+                mem.last_offset = max(mem.last_offset, published.watermark)
 
     def retract(self, retraction: Retraction) -> bool:
         mem = self.memory(retraction.scope_id)

@@ -177,6 +177,29 @@ def test_swaps_are_applied_at_the_next_turn_newest_first_without_a_gap(lm):
     assert [e.offset for e in mem.state.pending_events] == [4, 5]  # no gap (invariant 1)
 
 
+def test_a_swap_staged_while_the_engine_applies_an_older_one_is_kept(lm):
+    # The agent stages swaps from its event loop while the engine thread may be applying
+    # the scope's previous one (streams/swaps.py); the newer one must survive that.
+    engine = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
+    engine.answer([_turn(i) for i in range(5)])
+    v1, w1 = _weights(lm, engine, upto=1)
+    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    assert engine.swap(v1, w1) == "swapped"
+    swap_in_batch = lm.swap_in_batch
+
+    def swap_in_batch_meanwhile(swaps):
+        assert engine.swap(v2, w2) == "swapped"  # as if the event loop ran now
+        return swap_in_batch(swaps)
+
+    lm.swap_in_batch = swap_in_batch_meanwhile
+    [reply] = engine.answer([_turn(5, role="user")])
+    assert reply.fast_weights_version == "1"  # v2 came after this turn's swap began
+    lm.swap_in_batch = swap_in_batch
+    [reply] = engine.answer([_turn(6, role="user")])
+    assert reply.fast_weights_version == "2"
+    assert [e.offset for e in engine.memory("u1").state.pending_events] == [4, 5, 6]
+
+
 def test_a_batch_answers_each_user_turn_from_its_own_moment(lm):
     # Full-size random weights, so a reply depends on what the scope has seen.
     for module in lm.modules():
