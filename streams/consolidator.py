@@ -15,6 +15,7 @@ writes its changelog only on assignment.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -181,6 +182,37 @@ class ConsolidationTracker:
 TABLE_NAME = "somna-consolidation"
 
 
+class ChangelogReady:
+    """Until the App's producer knows the table's changelog topic, writing the table fails.
+
+    Faust creates the changelog at start, after its producer fetched the cluster's
+    metadata, and partitions a table write by key with that metadata (refreshed every
+    5 min): a write before it knows the new topic raised TypeError, and the consolidator's
+    agents crashed in a loop, emitting no sleep job for minutes (seen in `somna bench
+    swap`). So the agents and the idle timer wait until the producer has it.
+    """
+
+    def __init__(self, app: faust.App, table: faust.TableT) -> None:
+        self._app = app
+        self._topic = table.changelog_topic.get_topic_name()
+        self._task: asyncio.Task | None = None
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Whether the producer knows the topic (waiting at most ``timeout`` s for it)."""
+        if self._task is None or (self._task.done() and self._task.exception() is not None):
+            self._task = asyncio.create_task(self._refresh())  # first, or after a failure
+        if not self._task.done():
+            await asyncio.wait([self._task], timeout=timeout)
+        return self._task.done() and self._task.result()
+
+    async def _refresh(self) -> bool:
+        # Faust has no public handle on its aiokafka producer; partitions_for refreshes
+        # the metadata until the topic is in it.
+        producer = self._app.producer._ensure_producer()
+        await producer.partitions_for(self._topic)
+        return True
+
+
 def install(
     app: faust.App, topics: Topics, dlq: DeadLetterPolicy, skips: SkipCheck, settings: Settings
 ) -> ConsolidationTracker:
@@ -223,11 +255,13 @@ def install(
 
     consumed = [topics.interactions, topics.fast_weights, topics.retractions]
     check = skips.role("consolidator", [t.get_topic_name() for t in consumed])
+    changelog = ChangelogReady(app, table)
 
     def consumer(topic: faust.TopicT, kind: type, handle: Callable) -> None:
         policy = dlq.claim(topic.get_topic_name())
 
         async def agent(stream: faust.StreamT) -> None:
+            await changelog.wait()
             async for ev in stream.events():
                 msg = ev.message
                 metrics.EVENTS.labels(role="consolidator", topic=msg.topic).inc()
@@ -251,6 +285,8 @@ def install(
 
     @app.timer(interval=max(0.2, min(settings.idle_seconds / 4, 5.0)))
     async def idle_scopes() -> None:
+        if not await changelog.wait(timeout=0.0):
+            return
         for job in tracker.due():
             await emit(job)
 
