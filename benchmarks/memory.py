@@ -98,6 +98,7 @@ def evaluate_variant(v: Variant, n: int) -> dict[str, Any]:
     cfg = load_train_config(path)
     if v.passes is not None:
         cfg.passes = v.passes
+    cfg.fact_offset = "start"  # one layout for every variant, whatever it was trained on
     trained = json.loads((path / "metrics.json").read_text())
     ev = evaluate(lm, cfg, seeds=EVAL_SEEDS, n=n)
     row.update(

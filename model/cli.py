@@ -34,6 +34,9 @@ def train_command(
     chain: Annotated[
         int, typer.Option(help="facts: edges per chain (max hops); khop: max hops.")
     ] = 3,
+    fact_offset: Annotated[
+        str, typer.Option(help="facts: where a chain sits in its chunk: start or random.")
+    ] = "start",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 3e-3,
@@ -80,6 +83,7 @@ def train_command(
         fact_chunks=fact_chunks,
         question_chunks=question_chunks,
         chain=chain,
+        fact_offset=fact_offset,
         steps=steps,
         batch_size=batch_size,
         lr=lr,

@@ -55,6 +55,7 @@ class TrainConfig:
     fact_chunks: int = 3
     question_chunks: int = 2
     chain: int = 3  # facts: edges per reporting chain (max hops); khop: max hops
+    fact_offset: str = "start"  # facts: where a chain sits in its chunk (FactsConfig)
     # Optimisation.
     steps: int = 2000
     batch_size: int = 16
@@ -120,6 +121,7 @@ class TrainConfig:
                 question_chunks=self.question_chunks,
                 gap_chunks=gap_chunks,
                 chain=self.chain,
+                fact_offset=self.fact_offset,
             )
         return khop.KhopConfig(
             chunk=self.chunk,

@@ -156,6 +156,13 @@ class SequenceBuilder:
             return
         self.add("user", _chatter(rng, room - over))
 
+    def chatter(self, rng: random.Random, tokens: int) -> None:
+        """One chatter turn of exactly ``tokens`` tokens (more than a turn's overhead)."""
+        over = self.overhead("user")
+        if tokens <= over:
+            raise ValueError(f"a chatter turn needs more than {over} tokens, got {tokens}")
+        self.add("user", _chatter(rng, tokens - over))
+
     def chatter_chunk(self, rng: random.Random) -> None:
         """Fill the current chunk (from its start) with chatter only."""
         self.fill_chunk(rng)

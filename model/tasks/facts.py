@@ -37,6 +37,11 @@ class FactsConfig:
     question_chunks: int = 2  # chunks of question/answer turns at the end
     relation: str = "reports to"
     boss: str = "boss"  # "who is kim's boss's boss?"
+    # Where a chain's facts sit in their chunk: "start" (the benchmark layout) or "random"
+    # (after a chatter turn of random length). Online, a chunk starts wherever the idle
+    # trigger fired, and a rebuild after a retraction re-chunks the later turns, so a
+    # model trained only on "start" lost facts that no longer opened a chunk.
+    fact_offset: str = "start"
 
     def __post_init__(self) -> None:
         for name in ("chunk", "fact_chunks", "chain", "question_chunks"):
@@ -44,6 +49,10 @@ class FactsConfig:
                 raise ValueError(f"FactsConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.gap_chunks < 0:
             raise ValueError(f"FactsConfig.gap_chunks must be >= 0, got {self.gap_chunks}")
+        if self.fact_offset not in ("start", "random"):
+            raise ValueError(
+                f"FactsConfig.fact_offset must be start or random, got {self.fact_offset!r}"
+            )
 
     @property
     def n_chunks(self) -> int:
@@ -83,6 +92,13 @@ def make_example(
                 f"a chain of {cfg.chain} facts needs {b.size('user', text)} tokens, "
                 f"more than FactsConfig.chunk={cfg.chunk}"
             )
+        if cfg.fact_offset == "random":
+            # Chatter before and after must each be a whole turn (or nothing).
+            slack, over = cfg.chunk - b.size("user", text), b.overhead("user")
+            leads = [n for n in range(slack + 1) if _fits(n, over) and _fits(slack - n, over)]
+            lead = rng.choice(leads)
+            if lead:
+                b.chatter(rng, lead)
         chains.append((b.current_chunk, people))
         b.add("user", text)
         b.fill_chunk(rng)
@@ -119,6 +135,10 @@ def make_example(
         raise ValueError(f"question_chunks={cfg.question_chunks} leaves no room for a question")
     b.pad_to(total, rng)
     return b.build(questions)
+
+
+def _fits(tokens: int, overhead: int) -> bool:
+    return tokens == 0 or tokens > overhead
 
 
 # ``make_examples(cfg, n, seed, split="train", render=None)``: n seeded examples.

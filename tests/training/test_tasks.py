@@ -14,6 +14,7 @@ from model.tokenizer import ByteTokenizer, render_turn
 TASKS = [
     (facts, facts.FactsConfig()),
     (facts, facts.FactsConfig(gap_chunks=2, fact_chunks=2)),
+    (facts, facts.FactsConfig(chain=2, fact_chunks=2, question_chunks=1, fact_offset="random")),
     (khop, khop.KhopConfig()),
 ]
 
@@ -84,3 +85,17 @@ def test_distance_counts_chunks_between_facts_and_question() -> None:
     cfg = facts.FactsConfig(fact_chunks=1, gap_chunks=3, question_chunks=1)
     for ex in facts.make_examples(cfg, 4, seed=0):
         assert {q.distance for q in ex.questions} == {3}
+
+
+def test_random_fact_offset_moves_the_facts_within_their_chunk() -> None:
+    cfg = facts.FactsConfig(chain=2, fact_chunks=2, question_chunks=1, fact_offset="random")
+    tok = ByteTokenizer()
+    offsets = set()
+    for ex in facts.make_examples(cfg, 32, seed=5):
+        for c in range(cfg.fact_chunks):
+            chunk = tok.decode(ex.ids[c * cfg.chunk : (c + 1) * cfg.chunk], show_specials=True)
+            first = re.search(r"\w+ reports to", chunk)
+            assert first is not None, chunk  # the chain stays whole in its own chunk
+            assert chunk.count(" reports to ") == cfg.chain
+            offsets.add(first.start())
+    assert len(offsets) > 5  # not always at the chunk's start
