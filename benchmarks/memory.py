@@ -45,10 +45,14 @@ VARIANTS = [
     Variant("full attention", "facts-full"),
     Variant("N=1 deep (~N=4 FLOPs)", "facts-n1-deep"),
 ]
-# Ablation: the N=4 model slept with fewer passes than it was trained with.
+# Ablations: the N=4 model slept with fewer passes than it was trained with; its 4th
+# training stage on the benchmark layout instead of random fact offsets (is the gain
+# the layout or the steps?); N=1 from a second training seed (the spread of a recipe).
 ABLATIONS = [
     Variant("N=4 model slept N=1", "facts-n4", 1),
     Variant("N=4 model slept N=2", "facts-n4", 2),
+    Variant("N=4, 4th stage at chunk start", "facts-n4-control"),
+    Variant("hybrid N=1, training seed 1", "facts-n1-seed1"),
 ]
 
 
