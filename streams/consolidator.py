@@ -208,8 +208,10 @@ class ChangelogReady:
     async def _refresh(self) -> bool:
         # Faust has no public handle on its aiokafka producer; partitions_for refreshes
         # the metadata until the topic is in it.
+        log.info("waiting for the producer to know %s", self._topic)
         producer = self._app.producer._ensure_producer()
         await producer.partitions_for(self._topic)
+        log.info("the producer knows %s", self._topic)
         return True
 
 

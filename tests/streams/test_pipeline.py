@@ -10,10 +10,11 @@ import pytest
 
 from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETRACTIONS, SLEEP_JOBS
 from streams.agent_consumer import agent_group_id
+from streams.consolidator import TABLE_NAME
 from streams.history import read_history
 from streams.records import FastWeightsPublished, Reply, Retraction, SleepJob, reply_id_for
 
-from .conftest import TopicReader, answered, produce, send_turns, turn, unique
+from .conftest import PARTITIONS, TopicReader, answered, produce, send_turns, turn, unique
 
 pytestmark = [pytest.mark.kafka]
 
@@ -220,6 +221,31 @@ async def test_a_retracted_event_stays_out_of_the_history_after_a_replay(
     assert sorted(texts) == sorted(t.text for t in turns if t is not gone)
 
 
+async def _keyed_records(bootstrap: str, topic: str, key: bytes, n: int) -> None:
+    """Until ``topic`` (made by a worker, maybe not yet) holds ``n`` records keyed ``key``."""
+    import time
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    deadline = time.monotonic() + 180
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        while topic not in await consumer.topics():
+            assert time.monotonic() < deadline, f"{topic} never appeared"
+            await asyncio.sleep(0.5)
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        seen = 0
+        while seen < n:
+            assert time.monotonic() < deadline, f"{seen} of {n} records keyed {key!r} in {topic}"
+            batches = await consumer.getmany(timeout_ms=500)
+            seen += sum(r.key == key for records in batches.values() for r in records)
+    finally:
+        await consumer.stop()
+
+
 async def _wait_for(cond, timeout: float = 120.0) -> None:
     import asyncio
     import time
@@ -306,8 +332,13 @@ async def test_the_consolidation_table_survives_a_restart(
         first = start_worker(stream_env, ("consolidator",))
         await send_turns(kafka_bootstrap, turns[:2])  # 34 tokens: not a full chunk yet
         offsets = [r.offset for r in await sent.collect(lambda rs: len(rs) >= 2, keep=mine)]
-        await _wait_for(lambda: "Worker ready" in first.log())
-        await asyncio.sleep(3)  # let it commit and write its changelog
+        # Stopped once the table's changelog holds both turns (the worker may first work
+        # through what other tests left on the topic: a fixed sleep was too short on a
+        # loaded machine).
+        changelog = f"{stream_env['SOMNA_STREAM_GROUP']}-{TABLE_NAME}-changelog"
+        # The table's changelog keys are JSON strings.
+        await _keyed_records(kafka_bootstrap, changelog, json.dumps(scope).encode(), 2)
+        await asyncio.sleep(1)  # and has committed the offsets of those turns
         assert first.stop() == 0
         second = start_worker(stream_env, ("consolidator",))  # recovers the table
         await send_turns(kafka_bootstrap, turns[2:])
