@@ -47,12 +47,13 @@ VARIANTS = [
 ]
 # Ablations: the N=4 model slept with fewer passes than it was trained with; its 4th
 # training stage on the benchmark layout instead of random fact offsets (is the gain
-# the layout or the steps?); N=1 from a second training seed (the spread of a recipe).
+# the layout or the steps?); N=1 and N=4 from a second training seed (a recipe's spread).
 ABLATIONS = [
     Variant("N=4 model slept N=1", "facts-n4", 1),
     Variant("N=4 model slept N=2", "facts-n4", 2),
     Variant("N=4, 4th stage at chunk start", "facts-n4-control"),
     Variant("hybrid N=1, training seed 1", "facts-n1-seed1"),
+    Variant("hybrid N=4, training seed 1", "facts-n4-seed1"),
 ]
 
 
