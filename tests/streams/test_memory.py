@@ -54,6 +54,12 @@ def _weights(lm: HybridLM, engine: ModelEngine, upto: int, version: str = "1") -
     return published, weights
 
 
+def _two_versions(lm: HybridLM, engine: ModelEngine) -> tuple[tuple, tuple]:
+    """Five turns remembered, then versions "1" (up to offset 1) and "2" (up to 3) of them."""
+    engine.answer([_turn(i) for i in range(5)])
+    return _weights(lm, engine, upto=1), _weights(lm, engine, upto=3, version="2")
+
+
 def test_turns_are_remembered_and_user_turns_answered(lm):
     engine = ModelEngine(lm, base_model_version="7", max_new_tokens=4)
     replies = engine.answer([_turn(0), _turn(1), _turn(2, role="user")])
@@ -89,9 +95,7 @@ def test_swap_drops_only_what_the_weights_cover_and_stale_ones_are_refused(lm):
 
 def test_a_rollback_reloads_the_scope_from_the_older_version_without_a_gap(lm):
     engine = ModelEngine(lm, base_model_version="7")
-    engine.answer([_turn(i) for i in range(5)])
-    v1, w1 = _weights(lm, engine, upto=1)
-    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    (v1, w1), (v2, w2) = _two_versions(lm, engine)
     assert engine.swap(v2, w2) == "swapped"
     assert engine.swap(v1, w1) == "older"  # the registry says v1 is live: the agent reloads
     engine.reload("u1")
@@ -164,9 +168,7 @@ def test_a_new_base_model_drops_every_scope_and_refuses_the_old_fast_weights(lm)
 
 def test_swaps_are_applied_at_the_next_turn_newest_first_without_a_gap(lm):
     engine = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
-    engine.answer([_turn(i) for i in range(5)])
-    v1, w1 = _weights(lm, engine, upto=1)
-    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    (v1, w1), (v2, w2) = _two_versions(lm, engine)
     assert engine.swap(v1, w1) == "swapped"
     assert engine.swap(v2, w2) == "swapped"  # both before the scope speaks again
     assert engine.swap(v2, w2) == "stale"  # staged already
@@ -181,9 +183,7 @@ def test_a_swap_staged_while_the_engine_applies_an_older_one_is_kept(lm):
     # The agent stages swaps from its event loop while the engine thread may be applying
     # the scope's previous one (streams/swaps.py); the newer one must survive that.
     engine = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
-    engine.answer([_turn(i) for i in range(5)])
-    v1, w1 = _weights(lm, engine, upto=1)
-    v2, w2 = _weights(lm, engine, upto=3, version="2")
+    (v1, w1), (v2, w2) = _two_versions(lm, engine)
     assert engine.swap(v1, w1) == "swapped"
     swap_in_batch = lm.swap_in_batch
 
