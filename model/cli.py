@@ -209,3 +209,12 @@ def _metric_name(key: str) -> str:
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root app."""
     app.command("train")(train_command)
+
+
+if __name__ == "__main__":
+    # `python -m model.cli train ...` is `somna train ...` on a machine that has torch,
+    # typer and rich but none of the service packages (a lent GPU machine).
+    standalone = typer.Typer(add_completion=False)
+    standalone.callback()(lambda: None)  # keep `train` a subcommand, as under `somna`
+    register(standalone)
+    standalone()
