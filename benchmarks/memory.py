@@ -35,13 +35,15 @@ class Variant:
     label: str
     checkpoint: str  # directory name under model/checkpoints/
     passes: int | None = None  # sleep passes at evaluation (None: as trained)
+    group: str | None = None  # runs of one recipe from different training seeds
 
 
+CPU_N1, CPU_N4 = "N=1, CPU recipe", "N=4, CPU recipe"
 VARIANTS = [
     Variant("window only", "facts-window"),
-    Variant("hybrid N=1", "facts-n1"),
+    Variant("hybrid N=1", "facts-n1", group=CPU_N1),
     Variant("hybrid N=2", "facts-n2"),
-    Variant("hybrid N=4", "facts-n4"),
+    Variant("hybrid N=4", "facts-n4", group=CPU_N4),
     Variant("full attention", "facts-full"),
     Variant("N=1 deep (~N=4 FLOPs)", "facts-n1-deep"),
 ]
@@ -52,9 +54,20 @@ ABLATIONS = [
     Variant("N=4 model slept N=1", "facts-n4", 1),
     Variant("N=4 model slept N=2", "facts-n4", 2),
     Variant("N=4, 4th stage at chunk start", "facts-n4-control"),
-    Variant("hybrid N=1, training seed 1", "facts-n1-seed1"),
-    Variant("hybrid N=4, training seed 1", "facts-n4-seed1"),
+    Variant("hybrid N=1, training seed 1", "facts-n1-seed1", group=CPU_N1),
+    Variant("hybrid N=4, training seed 1", "facts-n4-seed1", group=CPU_N4),
 ]
+# Training seeds of one recipe, trained side by side on a lent H100 (model/curriculum.py,
+# batch 64, about 10 minutes of wall-clock in all; model/checkpoints/gpu-h100/README.md).
+GPU_SEEDS = [
+    *(Variant(f"N=4, H100, seed {s}", f"gpu-h100/facts-n4-s{s}", group="N=4, H100 recipe")
+      for s in (100, 101, 102, 103)),
+    *(Variant(f"N=1, H100, seed {s}", f"gpu-h100/facts-n1-s{s}", group="N=1, H100 recipe")
+      for s in (100, 101, 102)),
+    *(Variant(f"full attn, H100, seed {s}", f"gpu-h100/facts-full-s{s}",
+              group="full attention, H100 recipe")
+      for s in (100, 101)),
+]  # fmt: skip
 
 
 def run(quick: bool, json_path: Path | None) -> dict:
@@ -63,7 +76,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
     torch.set_num_threads(1)
     n = 16 if quick else 128
     started = time.time()
-    rows = [evaluate_variant(v, n) for v in VARIANTS + ABLATIONS]
+    rows = [evaluate_variant(v, n) for v in VARIANTS + ABLATIONS + GPU_SEEDS]
     result = {
         "benchmark": "memory",
         "quick": quick,
@@ -73,6 +86,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "machine": _machine(),
         "seconds": round(time.time() - started, 1),
         "variants": rows,
+        "seed_spread": seed_spread(rows),
     }
     _print_table(result)
     if json_path is not None:
@@ -95,7 +109,7 @@ def evaluate_variant(v: Variant, n: int) -> dict[str, Any]:
     from model.train import evaluate, load_train_config
 
     path = CHECKPOINTS / v.checkpoint
-    row: dict[str, Any] = {"variant": v.label, "checkpoint": v.checkpoint}
+    row: dict[str, Any] = {"variant": v.label, "checkpoint": v.checkpoint, "group": v.group}
     if not (path / "config.json").is_file() or not (path / "train.json").is_file():
         row["status"] = "not trained"
         return row
@@ -120,6 +134,34 @@ def evaluate_variant(v: Variant, n: int) -> dict[str, Any]:
         flops_per_consolidated_token=sleep_flops_per_token(lm, cfg),
     )
     return row
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per recipe: mean, std, min and max over its training seeds of each run's mean
+    accuracy (all questions, 1-hop, 2-hop), and the steps the runs trained."""
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group") and r["status"] == "ok":
+            groups.setdefault(r["group"], []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in groups.items():
+        entry: dict[str, Any] = {
+            "seeds": len(runs),
+            "train_steps": [r["train_steps"] for r in runs],
+        }
+        for key in ("all", "hops=1", "hops=2"):
+            vals = [r["accuracy"][key]["mean"] for r in runs if key in r["accuracy"]]
+            entry[key] = {
+                "mean": statistics.fmean(vals),
+                "std": statistics.pstdev(vals),
+                "min": min(vals),
+                "max": max(vals),
+                "runs": vals,
+            }
+        out[name] = entry
+    return out
 
 
 def memory_bytes(lm: Any, cfg: Any) -> dict[str, int]:
@@ -207,13 +249,30 @@ def _print_table(result: dict[str, Any]) -> None:
             str(r["train_steps"]),
         )
         d.add_row(r["variant"], *[_fmt(acc.get(k)) for k in dists])
+    s = Table(
+        title="training-seed spread: each run's mean accuracy, then mean±std (min..max) over seeds"
+    )
+    for col in ["recipe", "seeds", "all", "1-hop", "2-hop", "train steps"]:
+        s.add_column(col, justify="left" if col == "recipe" else "right")
+    for name, g in result.get("seed_spread", {}).items():
+        s.add_row(
+            name,
+            str(g["seeds"]),
+            *[_fmt_spread(g[k]) for k in ("all", "hops=1", "hops=2")],
+            ", ".join(str(x) for x in g["train_steps"]),
+        )
     console = Console(width=160)
     console.print(t)
     console.print(d)
+    console.print(s)
 
 
 def _fmt(v: dict[str, float] | None) -> str:
     return "" if v is None else f"{v['mean']:.3f}±{v['std']:.3f}"
+
+
+def _fmt_spread(v: dict[str, Any]) -> str:
+    return f"{v['mean']:.3f}±{v['std']:.3f} ({v['min']:.2f}..{v['max']:.2f})"
 
 
 def plot_results(result: dict[str, Any], path: Path) -> Path:

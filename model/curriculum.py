@@ -10,7 +10,8 @@ several processes at once. Every stage gets its share of the time left when it s
 ends on time (``--max-minutes``: the LR schedule follows the clock), so ``--steps`` is only
 a ceiling. The final stage's directory is ``OUT/facts-<kind>-s<seed>``; its ``train.log``
 holds the step lines of every stage, and ``OUT/summary.json`` the steps, seconds per step
-and held-out accuracy of each stage.
+and held-out accuracy of each stage. ``--resume-from DIR`` runs only the final stage once
+more, from ``DIR/facts-<kind>-s<seed>`` (a second lease continuing the first's models).
 
 Stages (the order of the CPU-trained checkpoints in model/checkpoints, compressed):
 chains of one fact from a slow-decay init, then two-fact chains, then two-fact chains at
@@ -71,12 +72,21 @@ def parse_variant(text: str) -> Variant:
 
 
 def run_variant(
-    v: Variant, out: Path, deadline: float, batch_size: int, steps: int, record: dict[str, Any]
+    v: Variant,
+    out: Path,
+    deadline: float,
+    batch_size: int,
+    steps: int,
+    record: dict[str, Any],
+    resume_from: Path | None = None,
+    seed_offset: int = 0,
 ) -> None:
     """Run ``v``'s stages in order; stop early (and say so) when a stage fails."""
     extra, stages = KINDS[v.kind]
     logs = out / "logs"
     prev: Path | None = None
+    if resume_from is not None:
+        stages, prev = stages[-1:], resume_from / v.name
     lines: list[str] = []
     record["stages"] = []
     for i, (share, args) in enumerate(stages):
@@ -90,7 +100,7 @@ def run_variant(
         stage_out = out / v.name if last else out / f"{v.name}-stage{i + 1}"
         cmd = [
             sys.executable, "-m", "model.cli", "train", *COMMON, *extra, *args,
-            "--seed", str(v.seed + 10 * i), "--batch-size", str(batch_size),
+            "--seed", str(v.seed + 10 * i + seed_offset + (1000 if resume_from else 0)), "--batch-size", str(batch_size),
             "--steps", str(steps), "--max-minutes", f"{budget_s / 60:.3f}",
             "--eval-examples", "64" if last else "16", "--out", str(stage_out),
         ]  # fmt: skip
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100_000, help="ceiling per stage")
+    ap.add_argument("--resume-from", type=Path, help="run the last stage again, from DIR/NAME")
+    ap.add_argument("--seed-offset", type=int, default=0, help="added to every stage's data seed")
     a = ap.parse_args(argv)
     (a.out / "logs").mkdir(parents=True, exist_ok=True)
     deadline = time.time() + a.budget_s
@@ -142,7 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = [
         threading.Thread(
             target=run_variant,
-            args=(v, a.out, deadline, a.batch_size, a.steps, records[v.name]),
+            args=(
+                v,
+                a.out,
+                deadline,
+                a.batch_size,
+                a.steps,
+                records[v.name],
+                a.resume_from,
+                a.seed_offset,
+            ),
             name=v.name,
         )
         for v in a.variants

@@ -37,6 +37,18 @@ def _fla_chunk() -> Any | None:
 
 
 @functools.cache
+def _fla_backward_ok() -> bool:
+    """False where fla's gated backward refuses to run: Hopper with Triton >= 3.4 and
+    < 3.7.1 (fla 0.6 raises there, its issue #640). Seen on the lent H100 (Triton 3.6):
+    forward (sleep) ran, training raised in backward."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except Exception:  # an fla without these flags has no such guard
+        return True
+    return not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
+
+
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -57,6 +69,9 @@ def backend_for(q: Tensor) -> str:
         return "torch"  # fla's chunk kernel asserts on fp32 inputs
     if _fla_chunk() is None:
         _warn_once("fla is not importable: the gated delta rule falls back to pure torch on CUDA")
+        return "torch"
+    if torch.is_grad_enabled() and q.requires_grad and not _fla_backward_ok():
+        _warn_once("fla's backward refuses this GPU's Triton: training uses the torch ops")
         return "torch"
     return "fla"
 

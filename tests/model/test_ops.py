@@ -189,3 +189,18 @@ def test_model_sleep_goes_through_fla_when_present(monkeypatch, tiny_lm):
     assert used and set(used) == {torch.bfloat16}
     for a, b in zip(out.base_S, ref.base_S, strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+def test_training_avoids_an_fla_whose_backward_refuses_this_gpu(monkeypatch) -> None:
+    # fla 0.6 raises in the gated backward on Hopper with Triton 3.4..3.7.0 (seen on the
+    # lent H100): a forward that needs gradients must pick the torch ops, sleep keeps fla.
+    from model.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_fla_chunk", lambda: object())
+    monkeypatch.setattr(dispatch, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(dispatch, "_fla_backward_ok", lambda: False)
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    assert dispatch.backend_for(q) == "fla"
+    assert dispatch.backend_for(q.requires_grad_()) == "torch"
+    with torch.no_grad():
+        assert dispatch.backend_for(q) == "fla"
