@@ -512,7 +512,7 @@ def latency(bootstrap: str, uri: str, tmp: Path, users: int, turns: int, rounds:
 
 def run(quick: bool, json_path: Path | None) -> dict:
     n = 2000 if quick else 20000
-    users, turns, rounds = (2, 15, 1) if quick else (4, 50, 3)
+    users, turns, rounds = (2, 15, 1) if quick else (4, 50, 6)
     with tempfile.TemporaryDirectory(prefix="somna-bench-pipeline-") as d:
         tmp = Path(d)
         with services(tmp, need_mlflow=True) as (bootstrap, uri):

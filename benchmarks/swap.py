@@ -19,7 +19,7 @@ sleep worker, on an embedded broker and MLflow server (or ``SOMNA_KAFKA_BOOTSTRA
    its timeline (publish, bench sees it, agent staged it, each probe's send / reply built /
    receipt and version), old-version replies per swap, the final probe's agent side
    (``latency_ms``) and delivery; the reply round trip *during* the load (one probed scope
-   at a time, no swap pending); the agent's own slow-batch log lines.
+   at a time, no swap pending); the agent's own slow-batch log lines (batches over 100 ms).
 """
 
 from __future__ import annotations
@@ -432,7 +432,8 @@ def run(quick: bool, json_path: Path | None) -> dict:
                        SOMNA_CHUNK_TOKENS=str(CHUNK_TOKENS), SOMNA_IDLE_SECONDS=str(IDLE_SECONDS),
                        SOMNA_SLEEP_PASSES=str(PASSES), SOMNA_STREAM_ENGINE="model",
                        SOMNA_STREAM_GROUP=f"bench-{uuid.uuid4().hex[:8]}",
-                       SOMNA_HISTORY_WINDOW_SECONDS="1", OMP_NUM_THREADS="1")  # fmt: skip
+                       SOMNA_HISTORY_WINDOW_SECONDS="1", OMP_NUM_THREADS="1",
+                       SOMNA_SLOW_BATCH_MS="100")  # fmt: skip
             procs = [
                 spawn(["-m", "streams.worker"], env, tmp / "stream.log"),
                 spawn(["-m", "consolidation.sleep_worker"], env, tmp / "sleep.log"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -45,7 +46,9 @@ from streams.swaps import Swapper
 
 log = logging.getLogger(__name__)
 
-SLOW_BATCH_SECONDS = 0.3  # a batch slower than this is logged with where its time went
+# A batch slower than this is logged with where its time went (at most once a second);
+# SOMNA_SLOW_BATCH_MS lowers it for a diagnosis (benchmarks/swap.py uses 100).
+SLOW_BATCH_SECONDS = float(os.environ.get("SOMNA_SLOW_BATCH_MS", "300")) / 1000
 # A turn of a scope whose new fast weights are being fetched waits for them this long at
 # most: answered from the version just published rather than the one before (a fetch is
 # ~40 ms; without the wait a third of the first replies after a publish were stale).
@@ -166,11 +169,9 @@ class Agent:
             self._keep(turns, event, r.partition, r.offset, r.timestamp / 1000.0)
         if not turns:
             return
-        # Scopes in memory are answered first; the cold ones (read back from the
-        # registry and the topic, which takes long) load meanwhile and follow, with those
-        # whose new fast weights are being fetched.
-        cold = {t.event.scope_id for t in turns if not engine.loaded(t.event.scope_id)}
-        swapping = {t.event.scope_id for t in turns if self.swapper.pending(t.event.scope_id)}
+        # The others are answered first; the held-back scopes load or get their new
+        # weights meanwhile and follow.
+        cold, swapping = hold_back(turns, engine.loaded, self.swapper.pending)
         later = cold | swapping
         if not later:
             await self._answer(turns, time.time(), None)
@@ -268,6 +269,27 @@ class Agent:
             len(turns), (taken - oldest) * 1000, (loaded - taken) * 1000,
             (start - loaded) * 1000, (done - start) * 1000,
         )  # fmt: skip
+
+
+def hold_back(
+    turns: list[Turn], loaded: Callable[[str], bool], swap_pending: Callable[[str], bool]
+) -> tuple[set[str], set[str]]:
+    """The scopes whose turns wait while the others are answered: (cold, swapping).
+
+    Cold scopes are not in memory (read back from the registry and the topic, which takes
+    long). Swapping scopes have new fast weights being fetched and a turn that wants a
+    reply, so the reply comes from the version just published. A scope that only states
+    facts (system turns) never waits for its swap: its turns are woken now and re-woken
+    over the new weights when the swap is applied (events after the watermark stay), and
+    holding them held the whole batch, and every turn fetched after it, for the fetch.
+    """
+    cold = {t.event.scope_id for t in turns if not loaded(t.event.scope_id)}
+    swapping = {
+        t.event.scope_id
+        for t in turns
+        if t.wants_reply and t.event.scope_id not in cold and swap_pending(t.event.scope_id)
+    }
+    return cold, swapping
 
 
 def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
