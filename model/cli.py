@@ -37,6 +37,9 @@ def train_command(
     fact_offset: Annotated[
         str, typer.Option(help="facts: where a chain sits in its chunk: start or random.")
     ] = "start",
+    train_gap_chunks: Annotated[
+        int, typer.Option(help="facts: up to this many chatter chunks before the questions.")
+    ] = 0,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 3e-3,
@@ -84,6 +87,7 @@ def train_command(
         question_chunks=question_chunks,
         chain=chain,
         fact_offset=fact_offset,
+        train_gap_chunks=train_gap_chunks,
         steps=steps,
         batch_size=batch_size,
         lr=lr,

@@ -56,6 +56,10 @@ class TrainConfig:
     question_chunks: int = 2
     chain: int = 3  # facts: edges per reporting chain (max hops); khop: max hops
     fact_offset: str = "start"  # facts: where a chain sits in its chunk (FactsConfig)
+    # Chunks of chatter between the facts and the questions, drawn per step from
+    # 0..train_gap_chunks (one length per batch): longer dialogues than the default
+    # layout, for a full-attention baseline that must use positions far back.
+    train_gap_chunks: int = 0
     # Optimisation.
     steps: int = 2000
     batch_size: int = 16
@@ -329,7 +333,8 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         done = progress(step, time.time() - started, cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, done)
-        exs = [cfg.make_example(rng, "train") for _ in range(cfg.batch_size)]
+        gap = rng.randint(0, cfg.train_gap_chunks) if cfg.train_gap_chunks else 0
+        exs = [cfg.make_example(rng, "train", gap) for _ in range(cfg.batch_size)]
         ids, mask = batch_tensors(exs, device)
         with _autocast(device):
             logits = run_model(lm, ids, cfg.memory, cfg.passes)
