@@ -56,6 +56,7 @@ ABLATIONS = [
     Variant("N=4, 4th stage at chunk start", "facts-n4-control"),
     Variant("hybrid N=1, training seed 1", "facts-n1-seed1", group=CPU_N1),
     Variant("hybrid N=4, training seed 1", "facts-n4-seed1", group=CPU_N4),
+    Variant("full attention + 3000 steps on long dialogues", "facts-full-long"),
 ]
 # Training seeds of one recipe, trained side by side on a lent H100 (model/curriculum.py,
 # batch 64, about 10 minutes of wall-clock in all; model/checkpoints/gpu-h100/README.md).
@@ -73,12 +74,14 @@ GPU_SEEDS = [
 # The memory target is N=4 within 10 points of full attention at <= 1/8 of its memory per
 # scope. Full attention's cache grows with the dialogue, so the ratio depends on length:
 # these variants are also asked after LONG_GAP_CHUNKS chunks of chatter (704 tokens in
-# all, ~11x the attention window), a length none of them was trained on.
+# all, 11x the attention window). Only facts-full-long trained on such lengths (0-8
+# chatter chunks, ``--train-gap-chunks``); the others never saw a dialogue past 192 tokens.
 LONG_GAP_CHUNKS = 8
 LONG = [
     Variant("hybrid N=4", "facts-n4"),
     Variant("hybrid N=1", "facts-n1"),
     Variant("full attention", "facts-full"),
+    Variant("full attention + long dialogues", "facts-full-long"),
     Variant("N=4, H100, seed 102", "gpu-h100/facts-n4-s102"),
     Variant("full attn, H100, seed 101", "gpu-h100/facts-full-s101"),
 ]
