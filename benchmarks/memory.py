@@ -68,6 +68,10 @@ GPU_SEEDS = [
     *(Variant(f"full attn, H100, seed {s}", f"gpu-h100/facts-full-s{s}",
               group="full attention, H100 recipe")
       for s in (100, 101)),
+    # Two seeds that had not broken through, continued on this CPU (same last stage):
+    # do more steps get them there?
+    *(Variant(f"N=4, H100, seed {s} + 1,790 CPU steps", f"gpu-h100/facts-n4-s{s}-more")
+      for s in (100, 103)),
 ]  # fmt: skip
 
 
