@@ -28,10 +28,9 @@ import os
 import re
 import threading
 import uuid
-from collections import defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,32 +170,85 @@ def event_key(row: dict) -> tuple[str, str]:
     return (row["kind"], row["reply_id"] if row["kind"] == "reply" else row["event_id"])
 
 
-@lru_cache(maxsize=4096)
-def _keys_in_file(path: str, mtime_ns: int, size: int) -> frozenset[tuple[str, str]]:
-    # Keyed by mtime and size too: a file rewritten under the same name is read again.
+class _KeyIndex:
+    """The event keys held by the files of one (directory, topic, partition).
+
+    A write asks which of its keys another file already holds (a redelivery). Reading every
+    other file's keys on each write grew with the history (a window's flush re-read
+    thousands of files); the index reads a file once, after which a write only lists the
+    directory. A file changed by someone else (a purge, another worker after a rebalance)
+    shows a new mtime or size and is read again.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, int, frozenset[tuple[str, str]]]] = {}
+        self._count: Counter[tuple[str, str]] = Counter()  # key -> how many files hold it
+
+    def sync(self, paths: Iterable[Path]) -> None:
+        seen = set()
+        for path in paths:
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # replaced meanwhile by a merge
+                continue
+            seen.add(path.name)
+            held = self._files.get(path.name)
+            if held is None or held[:2] != (st.st_mtime_ns, st.st_size):
+                self.put(path, _keys_in_file(path), st)
+        for name in set(self._files) - seen:
+            self.forget(name)
+
+    def put(
+        self, path: Path, keys: frozenset[tuple[str, str]], st: os.stat_result | None = None
+    ) -> None:
+        st = st or path.stat()
+        self.forget(path.name)
+        self._files[path.name] = (st.st_mtime_ns, st.st_size, keys)
+        self._count.update(keys)
+
+    def forget(self, name: str) -> None:
+        held = self._files.pop(name, None)
+        if held is not None:
+            self._count.subtract(held[2])
+
+    def held_outside(self, names: set[str]) -> Callable[[tuple[str, str]], bool]:
+        """Whether a key is held by a file not among ``names``."""
+        inside = [self._files[n][2] for n in names if n in self._files]
+
+        def held(key: tuple[str, str]) -> bool:
+            return self._count[key] > sum(key in keys for keys in inside)
+
+        return held
+
+
+def _keys_in_file(path: Path) -> frozenset[tuple[str, str]]:
     table = pq.read_table(path, columns=["kind", "event_id", "reply_id"])
     return frozenset(event_key(r) for r in table.to_pylist())
 
 
-def _keys_in(paths: Iterable[Path]) -> set[tuple[str, str]]:
-    keys: set[tuple[str, str]] = set()
-    for path in paths:
-        try:
-            st = path.stat()
-        except FileNotFoundError:  # replaced meanwhile by a merge
-            continue
-        keys |= _keys_in_file(str(path), st.st_mtime_ns, st.st_size)
-    return keys
+_INDEX_DIRECTORIES = 1024  # (directory, topic, partition) indexes kept; the oldest go first
+_indexes: OrderedDict[tuple[str, str, int], _KeyIndex] = OrderedDict()
+_indexes_lock = threading.Lock()
 
 
-def _once(rows: list[dict], elsewhere: set[tuple[str, str]]) -> list[dict]:
+def _index_of(directory: Path, topic: str, partition: int) -> _KeyIndex:
+    with _indexes_lock:
+        key = (str(directory), topic, partition)
+        index = _indexes.pop(key, None) or _KeyIndex()
+        _indexes[key] = index
+        while len(_indexes) > _INDEX_DIRECTORIES:
+            _indexes.popitem(last=False)
+        return index
+
+
+def _once(rows: list[dict], elsewhere: Callable[[tuple[str, str]], bool]) -> list[dict]:
     """``rows`` (in offset order) with each event once, at its first offset, and none that
     another file already holds."""
-    seen = set(elsewhere)
+    seen: set[tuple[str, str]] = set()
     out = []
     for row in rows:
         key = event_key(row)
-        if key not in seen:
+        if key not in seen and not elsewhere(key):
             seen.add(key)
             out.append(row)
     return out
@@ -214,24 +266,27 @@ def _merge_write(
     last = max(r["offset"] for r in rows)
     # Files of the same (topic, partition) whose offset range overlaps ours: a replay.
     # The others may hold the same event at another offset: a redelivery (invariant 4).
-    overlapping, others = [], []
+    overlapping, mine = [], []
     for path in directory.glob(f"{topic}-p{partition}-*.parquet"):
         m = _FILE_RE.match(path.name)
         if m and m["topic"] == topic and int(m["partition"]) == partition:
+            mine.append(path)
             if int(m["first"]) <= last and first <= int(m["last"]):
                 overlapping.append(path)
-            else:
-                others.append(path)
+    index = _index_of(directory, topic, partition)
+    index.sync(mine)
     by_offset = {r["offset"]: r for r in rows}
     for path in overlapping:
         for old in pq.read_table(path, schema=SCHEMA).to_pylist():
             by_offset.setdefault(old["offset"], old)
-    merged = _once([by_offset[o] for o in sorted(by_offset)], _keys_in(others))
+    elsewhere = index.held_outside({p.name for p in overlapping})
+    merged = _once([by_offset[o] for o in sorted(by_offset)], elsewhere)
     if retracted is not None:
         merged = retracted.keep(merged)
     if not merged:  # only retracted rows: the files that held them go
         for path in overlapping:
             path.unlink(missing_ok=True)
+            index.forget(path.name)
         return None
     first, last = merged[0]["offset"], merged[-1]["offset"]
     target = directory / file_name(topic, partition, first, last)
@@ -241,6 +296,9 @@ def _merge_write(
     for path in overlapping:
         if path != target:
             path.unlink(missing_ok=True)
+    for path in overlapping:
+        index.forget(path.name)
+    index.put(target, frozenset(event_key(r) for r in merged))
     return target
 
 

@@ -190,3 +190,28 @@ def test_read_history_keeps_one_row_per_reply_id(tmp_path):
     assert len(list(tmp_path.rglob("*.parquet"))) == 2
     table = read_history(tmp_path, "scope0")
     assert table["offset"].to_pylist() == [3]
+
+
+def test_the_redelivery_check_sees_files_other_writers_changed(tmp_path):
+    """The keys of files already read are kept in memory; a file another writer removed or
+    wrote since (a purge, the worker that had the partition before a rebalance) counts as
+    it is now on disk."""
+    sink = HistorySink(tmp_path)
+    sink.add(_turn(1, "scope0"), topic=INTERACTIONS, partition=0, offset=1)
+    sink.flush()
+    (first,) = tmp_path.rglob("*.parquet")
+    first.unlink()  # gone, as a purge of its only event leaves it
+    # another worker wrote e5 in this directory meanwhile
+    other = HistorySink(tmp_path / "elsewhere")
+    other.add(_turn(5, "scope0"), topic=INTERACTIONS, partition=0, offset=5)
+    (theirs,) = other.flush()
+    theirs.rename(first.parent / theirs.name)
+
+    sink.add(_turn(1, "scope0"), topic=INTERACTIONS, partition=0, offset=11)  # e1 again
+    sink.add(_turn(5, "scope0"), topic=INTERACTIONS, partition=0, offset=12)  # e5 again
+    sink.flush()
+    table = read_history(tmp_path, "scope0")
+    assert sorted(zip(table["event_id"].to_pylist(), table["offset"].to_pylist())) == [
+        ("e1", 11),
+        ("e5", 5),
+    ]
