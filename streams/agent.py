@@ -19,6 +19,10 @@ questions overtake the facts still queued; produce the replies keyed by scope. F
 weights go to the :class:`~streams.swaps.Swapper` first (so their fetch starts early);
 retractions are applied on the engine thread after the turns. Offsets are committed
 only after the replies are acked (at least once).
+
+Batches overlap (``streams/agent_consumer.py``): ``handle`` returns once the calls are
+queued. A scope's turns still keep their order: a turn of a scope with an earlier call
+not yet done is held back until that call is, and a load never evicts such a scope.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import faust
 import mode
@@ -180,27 +184,38 @@ class Agent:
         self.retractions_dlq = policy(RETRACTIONS)
         self.consumed = metrics.EVENTS.labels(role="agent", topic=INTERACTIONS)
         self._last_slow_log = 0.0
+        self._calls: dict[str, asyncio.Task] = {}  # scope -> its last call not yet done
 
-    async def handle(self, batch: Batch) -> None:
+    def busy(self, scope_id: str) -> bool:
+        """Has ``scope_id`` turns in an engine call not yet done? (Never evicted then.)"""
+        return scope_id in self._calls
+
+    async def handle(self, batch: Batch) -> asyncio.Future | None:
+        """Queue the batch's work; returns what finishes it (its replies sent)."""
         # Swaps first: submitting only queues them (streams/swaps.py), so a publish does
         # not wait for this batch's answers before its weights are fetched.
         if batch.get(FAST_WEIGHTS):
             await self._weights(batch[FAST_WEIGHTS])
         records = batch.get(INTERACTIONS)
-        if records:
-            await self._turns(records)
+        finishing = await self._turns(records) if records else None
         for r in batch.get(RETRACTIONS, ()):
-            # After the batch's turns: a retraction of one of them finds it installed.
+            # After the scope's turns so far: a retraction of one of them finds it installed.
             retraction = await self.retractions_dlq.decode_record(r, Retraction)
-            if retraction is not None and self.engine.loaded(retraction.scope_id):
+            if retraction is None:
+                continue
+            before = self._calls.get(retraction.scope_id)
+            if before is not None:
+                await asyncio.wait([before])
+            if self.engine.loaded(retraction.scope_id):
                 await self.thread.call(self.engine.retract, retraction)
+        return finishing
 
     async def assigned(self, partitions: set[int]) -> None:
         dropped = await self.thread.call(self.engine.keep_partitions, partitions)
         if dropped:
             log.info("rebalance: forgot %d scopes of partitions no longer ours", dropped)
 
-    async def _turns(self, records: list[ConsumerRecord]) -> None:
+    async def _turns(self, records: list[ConsumerRecord]) -> asyncio.Future | None:
         engine = self.engine
         self.consumed.inc(len(records))  # once a batch: a labelled inc costs ~2 us an event
         turns: list[Turn] = []
@@ -208,34 +223,50 @@ class Agent:
             event = await self.turns_dlq.decode_record(r, Interaction)
             self._keep(turns, event, r.partition, r.offset, r.timestamp / 1000.0)
         if not turns:
-            return
+            return None
+        # A scope with a call of an earlier batch not yet done waits for it: order.
+        before = {t.event.scope_id: self._calls[t.event.scope_id] for t in turns if self.busy(t.event.scope_id)}  # fmt: skip
         # Questions of scopes in memory first; facts nobody waits for behind them, in
         # small calls that a held-back question (its scope loaded or its new weights
         # staged meanwhile) overtakes: a batch of 50 fact turns is ~180 ms of engine time.
         cold, swapping = hold_back(turns, engine.loaded, self.swapper.pending)
-        later = cold | swapping
+        later = cold | swapping | set(before)
         asking = {t.event.scope_id for t in turns if t.wants_reply}
         t_taken = time.time()
         now = [t for t in turns if t.event.scope_id not in later]
-        calls = [
-            self._answer([t for t in now if t.event.scope_id in asking], t_taken, None),
-            *(
-                self._answer(chunk, t_taken, None, Priority.BACKGROUND)
-                for chunk in _chunks([t for t in now if t.event.scope_id not in asking])
-            ),
+        questions = [t for t in now if t.event.scope_id in asking]
+        calls = [self._start(questions, self._answer(questions, t_taken, None))]
+        calls += [
+            self._start(chunk, self._answer(chunk, t_taken, None, Priority.BACKGROUND))
+            for chunk in _chunks([t for t in now if t.event.scope_id not in asking])
         ]
         rest = [t for t in turns if t.event.scope_id in later]
         if rest:
-            calls.append(self._held_back(rest, cold, swapping, t_taken))
-        # Calls are queued on the engine thread in this order, before the cold scopes'
-        # install (queued behind them), so loading cannot evict a scope they answer.
-        await asyncio.gather(*calls)
+            waits = list(before.values())
+            calls.append(self._start(rest, self._held_back(rest, swapping, waits, t_taken)))
+        # The tasks queue their engine calls in this order, before any cold scope's install
+        # (queued behind them); an install never evicts a busy scope either.
+        return asyncio.gather(*calls)
+
+    def _start(self, turns: list[Turn], answering: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run the call answering ``turns``; until it is done their scopes are busy."""
+        task = asyncio.ensure_future(answering)
+        for scope in {t.event.scope_id for t in turns}:
+            self._calls[scope] = task
+            task.add_done_callback(lambda t, s=scope: self._idle(s, t))
+        return task
+
+    def _idle(self, scope: str, task: asyncio.Task) -> None:
+        if self._calls.get(scope) is task:
+            del self._calls[scope]
 
     async def _held_back(
-        self, rest: list[Turn], cold: set[str], swapping: set[str], t_taken: float
+        self, rest: list[Turn], swapping: set[str], before: list[asyncio.Task], t_taken: float
     ) -> None:
+        if before:
+            await asyncio.wait(before)  # their own batch reports a failure
         await asyncio.gather(
-            self._load_missing([t for t in rest if t.event.scope_id in cold]),
+            self._load_missing(rest),
             self.swapper.wait_for(swapping, SWAP_WAIT_SECONDS),
         )
         await self._answer(rest, t_taken, time.time(), Priority.URGENT)
@@ -307,7 +338,7 @@ class Agent:
             snapshots |= await self.loader.load(
                 partition, upto, with_weights=engine.uses_fast_weights
             )
-        await self.thread.call(engine.install, snapshots, priority=Priority.BACKGROUND)
+        await self.thread.call(engine.install, snapshots, self.busy, priority=Priority.BACKGROUND)
 
     def _log_if_slow(
         self, turns: list[Turn], taken: float, loaded: float, started: list[float]

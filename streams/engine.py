@@ -8,6 +8,7 @@ uses it to measure the streaming overhead alone; ``streams/memory.py`` has the r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,8 +60,11 @@ class Engine(Protocol):
 
     def loaded(self, scope_id: str) -> bool: ...
 
-    def install(self, snapshots: dict[str, ScopeSnapshot]) -> None:
-        """Load scopes (by id) into memory from their snapshots."""
+    def install(
+        self, snapshots: dict[str, ScopeSnapshot], busy: Callable[[str], bool] | None = None
+    ) -> None:
+        """Load scopes (by id) into memory from their snapshots; making room never evicts
+        a ``busy`` scope (one with turns queued)."""
         ...
 
     def answer(self, turns: list[Turn]) -> list[Reply]:
@@ -114,7 +118,9 @@ class NullEngine:
     def loaded(self, scope_id: str) -> bool:
         return True
 
-    def install(self, snapshots: dict[str, ScopeSnapshot]) -> None:
+    def install(
+        self, snapshots: dict[str, ScopeSnapshot], busy: Callable[[str], bool] | None = None
+    ) -> None:
         pass
 
     def answer(self, turns: list[Turn]) -> list[Reply]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,9 +107,13 @@ class ModelEngine:
             self._apply_staged([mem])
         return mem
 
-    def install(self, snapshots: dict[str, ScopeSnapshot]) -> None:
+    def install(
+        self, snapshots: dict[str, ScopeSnapshot], busy: Callable[[str], bool] | None = None
+    ) -> None:
         """Rebuild scopes from their snapshots, all in one batched wake (a restarted
-        worker's first batch brings every scope at once: ~20 ms each one by one)."""
+        worker's first batch brings every scope at once: ~20 ms each one by one). Room is
+        made by evicting the least recently used scopes, never a ``busy`` one: its queued
+        turns would find no memory (so memory may hold more than ``max_scopes`` a while)."""
         from model.tokenizer import render_turn
 
         plans = []
@@ -131,10 +136,13 @@ class ModelEngine:
                 self._scopes[scope_id] = mem
                 self._reload.discard(scope_id)
                 self._scopes.move_to_end(scope_id)
-            while len(self._scopes) > self.max_scopes:
-                evicted, _ = self._scopes.popitem(last=False)
-                self._reload.discard(evicted)
-                log.debug("evicted scope %s from memory", evicted)
+            over = len(self._scopes) - self.max_scopes
+            if over > 0:
+                idle = [s for s in self._scopes if not (busy and busy(s)) and s not in snapshots]
+                for evicted in idle[:over]:
+                    del self._scopes[evicted]
+                    self._reload.discard(evicted)
+                    log.debug("evicted scope %s from memory", evicted)
 
     def _base_weights(self, snapshot: ScopeSnapshot) -> tuple[dict, int, str | None]:
         w = snapshot.weights

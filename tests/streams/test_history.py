@@ -211,7 +211,7 @@ def test_the_redelivery_check_sees_files_other_writers_changed(tmp_path):
     sink.add(_turn(5, "scope0"), topic=INTERACTIONS, partition=0, offset=12)  # e5 again
     sink.flush()
     table = read_history(tmp_path, "scope0")
-    assert sorted(zip(table["event_id"].to_pylist(), table["offset"].to_pylist())) == [
+    assert sorted(zip(table["event_id"].to_pylist(), table["offset"].to_pylist(), strict=True)) == [
         ("e1", 11),
         ("e5", 5),
     ]

@@ -139,6 +139,15 @@ def test_retraction_drops_the_event_and_lru_evicts(lm):
     assert not engine.loaded("u1") and engine.live_scopes() == 2
 
 
+def test_loading_never_evicts_a_scope_with_turns_queued(lm):
+    engine = ModelEngine(lm, base_model_version="7", max_scopes=2)
+    engine.answer([_turn(0, scope="u1"), _turn(0, scope="u2")])
+    engine.install({"u3": ScopeSnapshot(None, None)}, busy=lambda s: s == "u1")
+    assert engine.loaded("u1") and engine.loaded("u3") and not engine.loaded("u2")
+    engine.install({"u4": ScopeSnapshot(None, None)}, busy=lambda s: s in {"u1", "u3"})
+    assert engine.live_scopes() == 3, "over max_scopes while every older scope is busy"
+
+
 def test_a_rebalance_forgets_the_scopes_of_lost_partitions(lm):
     engine = ModelEngine(lm, base_model_version="7")
     engine.answer([_turn(0, scope="a"), Turn(_turn(1, scope="b").event, 3, 1, None)])
