@@ -49,7 +49,10 @@ MAX_RECORDS = 128  # records per getmany: streams/agent.py answers them in one e
 # how late a due commit or a stop can be, not latency added to a turn.
 POLL_MS = 100
 COMMIT_INTERVAL = 1.0  # seconds between offset commits
-MAX_BATCHES_IN_FLIGHT = 8  # handed to the handler and not finished: back pressure
+# Records handed to the handler and not finished: back pressure. Counted in records, not
+# batches: under load getmany returns many small batches, and a cap of 8 batches stalled
+# the intake while the engine worked through them.
+MAX_RECORDS_IN_FLIGHT = 8 * MAX_RECORDS
 # How long the broker may hold a fetch with no new data (Kafka's default: 500 ms). aiokafka
 # keeps one fetch in flight per broker, without the partitions whose records are still
 # buffered: a turn arriving on such a partition waited for that fetch to time out (replies
@@ -103,7 +106,7 @@ class AgentConsumer:
         # Batches handed to the handler since the last commit, in order: (what finishes
         # it, the next offset of each of its partitions).
         self._handed: list[tuple[asyncio.Future, dict[TopicPartition, int]]] = []
-        self._in_flight: set[asyncio.Future] = set()  # handed and not finished
+        self._in_flight: dict[asyncio.Future, int] = {}  # handed, not finished -> records
         self._committing: asyncio.Task | None = None
         self._done: dict[TopicPartition, int] = {}  # next offset, once those are acked
         self._last_commit = time.monotonic()
@@ -186,8 +189,9 @@ class AgentConsumer:
                 fetched = {tp: rs for tp, rs in fetched.items() if tp in owned}
                 if fetched:
                     finishing = await self.handler.handle(_by_topic(fetched))
-                    self._hand(finishing, {tp: rs[-1].offset + 1 for tp, rs in fetched.items()})
-                    if len(self._in_flight) >= MAX_BATCHES_IN_FLIGHT:
+                    self._hand(finishing, {tp: rs[-1].offset + 1 for tp, rs in fetched.items()},
+                               sum(len(rs) for rs in fetched.values()))  # fmt: skip
+                    while sum(self._in_flight.values()) >= MAX_RECORDS_IN_FLIGHT:
                         await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 due = time.monotonic() - self._last_commit >= COMMIT_INTERVAL
                 if due and (self._committing is None or self._committing.done()):
@@ -195,18 +199,20 @@ class AgentConsumer:
                         self._committing.result()  # a failed commit stops the loop
                     self._committing = asyncio.create_task(self._commit())
 
-    def _hand(self, finishing: Awaitable[None] | None, offsets: dict[TopicPartition, int]) -> None:
+    def _hand(
+        self, finishing: Awaitable[None] | None, offsets: dict[TopicPartition, int], records: int
+    ) -> None:
         future = asyncio.ensure_future(finishing) if finishing is not None else None
         if future is None:
             future = asyncio.get_running_loop().create_future()
             future.set_result(None)
         else:
-            self._in_flight.add(future)
+            self._in_flight[future] = records
             future.add_done_callback(self._finished)
         self._handed.append((future, offsets))
 
     def _finished(self, future: asyncio.Future) -> None:
-        self._in_flight.discard(future)
+        self._in_flight.pop(future, None)
         if not future.cancelled() and future.exception() is not None and self._failed is None:
             self._failed = future.exception()  # the loop stops at its next turn
 
