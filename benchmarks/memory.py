@@ -182,8 +182,8 @@ def long_row(v: Variant, n: int) -> dict[str, Any]:
         return row
     lm, cfg = loaded
     cfg.far_gap_chunks = LONG_GAP_CHUNKS
-    ev = evaluate(lm, cfg, seeds=EVAL_SEEDS, n=n)
-    # evaluate() also asks the training layout (distances 0-2): keep the long one's slices.
+    ev = evaluate(lm, cfg, seeds=EVAL_SEEDS, n=n, near=False)
+    # Questions of the long layout only; its nearest ones may still sit at distance < 8.
     far = {k: a for k, a in ev["accuracy"].items() if k.startswith("distance=")
            and int(k.split("=")[1]) >= LONG_GAP_CHUNKS}  # fmt: skip
     total = sum(a["n"] for a in far.values())

@@ -192,10 +192,13 @@ def exact_matches(logits: Tensor, ids: Tensor, examples: Sequence[Example]) -> l
 
 
 # ---- evaluation ------------------------------------------------------------------------
-def eval_sets(cfg: TrainConfig, seed: int, n: int) -> list[Example]:
-    """Held-out-name examples for one eval seed: the training layout plus a far one."""
+def eval_sets(cfg: TrainConfig, seed: int, n: int, near: bool = True) -> list[Example]:
+    """Held-out-name examples for one eval seed: the training layout (unless ``near`` is
+    False: drawn all the same, so the far set is the same either way) plus a far one."""
     rng = random.Random(f"eval-{cfg.task}-{seed}")
     sets = [cfg.make_example(rng, "heldout") for _ in range(n)]
+    if not near:
+        sets = []
     if cfg.far_gap_chunks:
         sets += [cfg.make_example(rng, "heldout", cfg.far_gap_chunks) for _ in range(n)]
     return sets
@@ -208,9 +211,10 @@ def evaluate(
     seeds: Sequence[int] | None = None,
     n: int | None = None,
     batch_size: int = 32,
+    near: bool = True,
 ) -> dict[str, Any]:
     """Exact-match accuracy on held-out names, overall / by hops / by distance, as the mean
-    and standard deviation over eval seeds."""
+    and standard deviation over eval seeds (``near``: see :func:`eval_sets`)."""
     seeds = tuple(cfg.eval_seeds if seeds is None else seeds)
     n = cfg.eval_examples if n is None else n
     was_training = lm.training
@@ -219,7 +223,7 @@ def evaluate(
     per_seed_chars: list[dict[str, float]] = []
     counts: dict[str, int] = defaultdict(int)
     for seed in seeds:
-        exs = eval_sets(cfg, seed, n)
+        exs = eval_sets(cfg, seed, n, near)
         results: list[tuple] = []
         # Same-length sequences batch together.
         by_len: dict[int, list[Example]] = defaultdict(list)
