@@ -50,6 +50,7 @@ PROBE_EVERY = 0.005  # how often the prober checks for a publish / an answered p
 LOAD_RTT_EVERY = 0.5
 SLOW_PROBE_S = 0.5  # probed swaps slower than this are listed in the diagnostic
 CHUNK_TOKENS = 96
+TARGET_MS = 200.0  # the hot-swap target: p99 from publish to the first reply with it
 IDLE_SECONDS = 3.0
 PASSES = 2
 
@@ -478,7 +479,11 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "unresolved_events": raw["unresolved"],
         "swap_p99_over_baseline_p99": (swap["p99_ms"] / baseline["p99_ms"])
         if swap["p99_ms"] and baseline["p99_ms"] else None,
-        "target_swap_p99_ms": 200.0,
+        "target_swap_p99_ms": TARGET_MS,
+        # A p99 of ~90 swaps is their slowest one or two, which moves by 200 ms between
+        # runs of the same code: the share within the target is steadier.
+        "swaps_within_target": sum(s * 1000 < TARGET_MS for s in raw["swaps"]) / len(raw["swaps"])
+        if raw["swaps"] else None,
         "reply_round_trip_under_load": raw["diagnostic"]["reply_round_trip_under_load"],
         "swap_diagnostic": raw["diagnostic"],
         "machine": f"{os.cpu_count()} CPU cores, no GPU" if not _has_cuda() else "GPU",
@@ -505,8 +510,10 @@ def _print(r: dict) -> None:
         t.add_row(name, str(s["n"]), f(s["p50_ms"]), f(s["p99_ms"]), note)
 
     ratio = r["swap_p99_over_baseline_p99"]
+    within = r["swaps_within_target"]
+    note = "target p99 < 200 ms" + (f"; {within:.0%} within" if within is not None else "")
     row("hot swap: publish -> first reply with it", r["hot_swap"],
-        f"target p99 < 200 ms; x{ratio:.2f} of baseline p99" if ratio else "target p99 < 200 ms")  # fmt: skip
+        f"{note}; x{ratio:.2f} of baseline p99" if ratio else note)  # fmt: skip
     row(
         "  of which: publish -> agent swapped",
         r["probed_publish_to_agent_swapped"],
