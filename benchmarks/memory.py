@@ -74,6 +74,13 @@ GPU_SEEDS = [
       for s in (100, 103)),
 ]  # fmt: skip
 
+# The paper's k-hop graph task (model/tasks/khop.py): 10 edges of a chain listed over two
+# chunks, then "node+1?" asked after they left the window (1 hop only so far). Fine-tuned
+# from the facts checkpoint of the same N: model/checkpoints/khop-*/COMMAND.txt.
+KHOP = [
+    Variant("k-hop 1-hop: hybrid N=1", "khop-n1"),
+    Variant("k-hop 1-hop: hybrid N=4", "khop-n4"),
+]
 
 # The memory target is N=4 within 10 points of full attention at <= 1/8 of its memory per
 # scope. Full attention's cache grows with the dialogue, so the ratio depends on length:
@@ -97,7 +104,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
     torch.set_num_threads(1)
     n = 16 if quick else 128
     started = time.time()
-    rows = [evaluate_variant(v, n) for v in VARIANTS + ABLATIONS + GPU_SEEDS]
+    rows = [evaluate_variant(v, n) for v in VARIANTS + ABLATIONS + GPU_SEEDS + KHOP]
     result = {
         "benchmark": "memory",
         "quick": quick,
