@@ -30,6 +30,7 @@ class GatedEngine:
     def __init__(self, gated_scope: str) -> None:
         self.gated_scope = gated_scope
         self.gate = threading.Event()
+        self.held = threading.Event()  # the gated call is on the engine thread
         self.woken: list[tuple[str, int]] = []  # (scope, offset), in the order woken
 
     def loaded(self, scope_id: str) -> bool:
@@ -40,6 +41,7 @@ class GatedEngine:
 
     def answer(self, turns: list[Turn]) -> list[Reply]:
         if any(t.event.scope_id == self.gated_scope for t in turns):
+            self.held.set()
             assert self.gate.wait(10)
         self.woken += [(t.event.scope_id, t.offset) for t in turns]
         return [make_reply(t, "ok", "test", None) for t in turns if t.wants_reply]
@@ -88,6 +90,8 @@ async def test_a_later_question_overtakes_queued_facts_and_each_scope_keeps_its_
     for batch in batches:
         done = await asyncio.wait_for(agent.handle({INTERACTIONS: _records(batch)}), 2)
         finishing.append(done)
+        if batch[0][0] == "x":  # x's call holds the thread before the others queue
+            assert await asyncio.to_thread(engine.held.wait, 5)
     await asyncio.sleep(0.1)  # the calls reach the engine thread's queue
     assert not any(f.done() for f in finishing)
     assert agent.busy("a") and agent.busy("b")
