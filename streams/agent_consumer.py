@@ -19,8 +19,9 @@ Batches overlap: ``handle`` returns once a batch's work is queued, with what fin
 and the loop fetches the next batch at once. Waiting for the whole batch (facts queued
 behind the questions, turns held for a swap) kept a question of the next batch in the
 fetcher for 100-570 ms (``somna bench swap``). A batch's offsets are committed once it
-and every batch before it have finished; a commit runs beside the loop, not in it. Outputs are idempotent (reply_id from event_id), so
-a redelivery repeats a reply, never loses one.
+and every batch before it have finished; a commit runs beside the loop, not in it.
+Outputs are idempotent (reply_id from event_id), so a redelivery repeats a reply, never
+loses one.
 """
 
 from __future__ import annotations
@@ -202,11 +203,11 @@ class AgentConsumer:
     def _hand(
         self, finishing: Awaitable[None] | None, offsets: dict[TopicPartition, int], records: int
     ) -> None:
-        future = asyncio.ensure_future(finishing) if finishing is not None else None
-        if future is None:
+        if finishing is None:  # finished already
             future = asyncio.get_running_loop().create_future()
             future.set_result(None)
         else:
+            future = asyncio.ensure_future(finishing)
             self._in_flight[future] = records
             future.add_done_callback(self._finished)
         self._handed.append((future, offsets))

@@ -208,8 +208,10 @@ class _KeyIndex:
 
     def forget(self, name: str) -> None:
         held = self._files.pop(name, None)
-        if held is not None:
-            self._count.subtract(held[2])
+        for key in held[2] if held is not None else ():
+            self._count[key] -= 1
+            if not self._count[key]:  # a purged or merged-away event leaves no entry
+                del self._count[key]
 
     def held_outside(self, names: set[str]) -> Callable[[tuple[str, str]], bool]:
         """Whether a key is held by a file not among ``names``."""
@@ -296,7 +298,6 @@ def _merge_write(
     for path in overlapping:
         if path != target:
             path.unlink(missing_ok=True)
-    for path in overlapping:
         index.forget(path.name)
     index.put(target, frozenset(event_key(r) for r in merged))
     return target

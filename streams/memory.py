@@ -35,6 +35,7 @@ streams/agent_consumer.py): one engine call per batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -138,8 +139,8 @@ class ModelEngine:
                 self._scopes.move_to_end(scope_id)
             over = len(self._scopes) - self.max_scopes
             if over > 0:
-                idle = [s for s in self._scopes if not (busy and busy(s)) and s not in snapshots]
-                for evicted in idle[:over]:
+                idle = (s for s in self._scopes if not (busy and busy(s)) and s not in snapshots)
+                for evicted in list(itertools.islice(idle, over)):
                     del self._scopes[evicted]
                     self._reload.discard(evicted)
                     log.debug("evicted scope %s from memory", evicted)
