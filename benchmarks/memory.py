@@ -75,11 +75,15 @@ GPU_SEEDS = [
 ]  # fmt: skip
 
 # The paper's k-hop graph task (model/tasks/khop.py): 10 edges of a chain listed over two
-# chunks, then "node+1?" asked after they left the window (1 hop only so far). Fine-tuned
-# from the facts checkpoint of the same N: model/checkpoints/khop-*/COMMAND.txt.
+# chunks, then "node+k?" asked after they left the window. 1-hop: fine-tuned on this CPU
+# from the facts checkpoint of the same N. 1-2 hops: those continued on a lent H100 (full
+# attention from its facts checkpoint). Commands: model/checkpoints/khop*/COMMAND.txt.
 KHOP = [
     Variant("k-hop 1-hop: hybrid N=1", "khop-n1"),
     Variant("k-hop 1-hop: hybrid N=4", "khop-n4"),
+    Variant("k-hop 1-2 hops: hybrid N=1, H100", "khop2-n1"),
+    Variant("k-hop 1-2 hops: hybrid N=4, H100", "khop2-n4"),
+    Variant("k-hop 1-2 hops: full attention, H100", "khop2-full"),
 ]
 
 # The memory target is N=4 within 10 points of full attention at <= 1/8 of its memory per
