@@ -6,6 +6,8 @@ matplotlib lazily, inside the command), so model/ still runs alone on a GPU mach
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -112,6 +114,56 @@ def train_command(
     _print_summary(result.metrics)
 
 
+def import_command(
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="Checkpoint directories written by `somna train`.")
+    ],
+    mlflow_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI.", envvar="SOMNA_MLFLOW_URI")
+    ],
+) -> None:
+    """Log runs trained where MLflow was out of reach (a lent GPU) and register them.
+
+    Each directory's params, curves, final accuracy, plot and checkpoint go to MLflow as
+    `somna train --mlflow-uri` would have logged them. A checkpoint already registered
+    (same weights: the `weights_sha256` tag) is skipped, so importing twice is harmless."""
+    from model.train import TrainResult, load_train_config
+
+    for directory in checkpoints:
+        metrics_path = directory / "metrics.json"
+        if not metrics_path.is_file():
+            raise typer.BadParameter(f"{directory} has no metrics.json: not a finished run")
+        cfg = load_train_config(directory)
+        weights = _weights_sha256(directory)
+        existing = _registered_with_weights(mlflow_uri, weights)
+        if existing is not None:
+            typer.echo(f"{directory}: already {BASE_MODEL_NAME} version {existing}")
+            continue
+        tracker = _MlflowTracker(mlflow_uri, cfg, echo=False)
+        tracker.client.set_tag(tracker.run_id, "imported_from", str(directory))
+        history = json.loads((directory / "history.json").read_text())
+        for point in history:
+            point = dict(point)
+            tracker.log(int(point.pop("step")), point)
+        metrics = json.loads(metrics_path.read_text())
+        version = tracker.finish(TrainResult(metrics=metrics, out=directory, history=history))
+        typer.echo(f"{directory}: registered {BASE_MODEL_NAME} version {version}")
+
+
+def _weights_sha256(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _registered_with_weights(uri: str, sha256: str) -> str | None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    found = client.search_model_versions(
+        f"name = '{BASE_MODEL_NAME}' and tags.weights_sha256 = '{sha256}'"
+    )
+    return str(found[0].version) if found else None
+
+
 def _print_point(step: int, point: dict[str, float]) -> None:
     accs = {k: round(v, 3) for k, v in point.items() if k.startswith("acc_")}
     typer.echo(f"step {step} loss {point['loss']:.4f} {accs if accs else ''}", err=True)
@@ -161,13 +213,14 @@ def plot_accuracy_by_distance(metrics: dict[str, Any], path: Path) -> Path:
 class _MlflowTracker:
     """Params up front, curves while training, checkpoint + plot + registration at the end."""
 
-    def __init__(self, uri: str, cfg: Any) -> None:
+    def __init__(self, uri: str, cfg: Any, echo: bool = True) -> None:
         import os
         from dataclasses import asdict
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow import MlflowClient
 
+        self.echo = echo
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp = self.client.get_experiment_by_name(TRAIN_EXPERIMENT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(TRAIN_EXPERIMENT)
@@ -177,7 +230,8 @@ class _MlflowTracker:
             self.client.log_param(self.run_id, key, str(value)[:500])
 
     def log(self, step: int, point: dict[str, float]) -> None:
-        _print_point(step, point)
+        if self.echo:
+            _print_point(step, point)
         for key, value in point.items():
             self.client.log_metric(self.run_id, _metric_name(key), float(value), step=step)
 
@@ -200,6 +254,8 @@ class _MlflowTracker:
                 "checkpoint": result.out.name,
                 "task": result.metrics["task"],
                 "passes": str(result.metrics["passes"]),
+                "device": str(result.metrics.get("device", "")),
+                "weights_sha256": _weights_sha256(result.out),
             },
         )
         return str(mv.version)
@@ -213,6 +269,7 @@ def _metric_name(key: str) -> str:
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root app."""
     app.command("train")(train_command)
+    app.command("train-import")(import_command)
 
 
 if __name__ == "__main__":

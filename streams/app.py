@@ -42,6 +42,10 @@ def broker_urls(bootstrap: str) -> list[str]:
 
 
 def create_app(settings: Settings, *, app_id: str = GROUP_PREFIX) -> faust.App:
+    # Faust's own table directory, empty with in-memory stores; its default is
+    # "<app id>-data" in the working directory (one per test group id). It must exist.
+    datadir = settings.data_dir / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         app_id,
         broker=broker_urls(settings.bootstrap),
@@ -62,6 +66,7 @@ def create_app(settings: Settings, *, app_id: str = GROUP_PREFIX) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
+        datadir=str(datadir),
     )
 
 

@@ -5,7 +5,14 @@ Names follow Prometheus conventions: ``_total`` for counters, base units (second
 
 from __future__ import annotations
 
+import gc
+import logging
+import time
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 EVENTS = Counter(
     "somna_stream_events_total", "Events consumed by a streaming role.", ["role", "topic"]
@@ -34,6 +41,33 @@ SLEEP_JOBS = Counter("somna_sleep_jobs_emitted_total", "Sleep jobs emitted.", ["
 SWAPS = Counter("somna_fast_weight_swaps_total", "Fast-weight artifacts swapped in.", ["outcome"])
 HISTORY_ROWS = Counter("somna_history_rows_written_total", "Rows written to Parquet history.")
 LIVE_SCOPES = Gauge("somna_live_scopes", "Scopes whose memory state is loaded in the agent.")
+
+
+GC_PAUSE = Histogram(
+    "somna_gc_pause_seconds",
+    "Python garbage collections of a worker: the whole process waits for them.",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+GC_LOG_SECONDS = 0.05  # a pause this long is logged: it delays every turn in flight
+
+
+def track_gc() -> None:
+    """Time every garbage collection of this process (once per process)."""
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pause = time.perf_counter() - started[0]
+            GC_PAUSE.labels(str(info["generation"])).observe(pause)
+            if pause >= GC_LOG_SECONDS:
+                log.info("gc generation %d paused the worker %.0f ms (%d collected)",
+                         info["generation"], pause * 1000, info["collected"])  # fmt: skip
+
+    if on_gc.__qualname__ not in {getattr(c, "__qualname__", "") for c in gc.callbacks}:
+        gc.callbacks.append(on_gc)
 
 
 def serve(port: int) -> int:

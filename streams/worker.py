@@ -134,6 +134,7 @@ def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     provision(settings.bootstrap, settings.partitions)
     app = build(settings, roles)
     port = metrics.serve(settings.metrics_port)
+    metrics.track_gc()
     log.info("stream worker %s (roles %s): metrics on :%d", app.conf.id, ",".join(roles), port)
     worker = faust.Worker(
         app, loglevel=logging.getLevelName(logging.getLogger().level), override_logging=False
