@@ -13,6 +13,7 @@ the producer and commits offsets; the agent's service commits and leaves its gro
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -134,6 +135,11 @@ def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     provision(settings.bootstrap, settings.partitions)
     app = build(settings, roles)
     port = metrics.serve(settings.metrics_port)
+    # What is imported and built by now lives as long as the worker: frozen, a full
+    # collection no longer scans it. Torch, Faust and MLflow are ~320k objects, ~150 ms a
+    # full scan, and under load the agent paused 190-230 ms twice a minute for it.
+    gc.collect()
+    gc.freeze()
     metrics.track_gc()
     log.info("stream worker %s (roles %s): metrics on :%d", app.conf.id, ",".join(roles), port)
     worker = faust.Worker(
