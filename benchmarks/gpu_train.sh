@@ -19,7 +19,7 @@ mkdir -p "$OUT" "$WORK/logs"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  "$PY" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
   echo "cores $(nproc)"
 } >"$WORK/env.txt" 2>&1
 cat "$WORK/env.txt"
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 >
 SMI=$!
 
 # The budget covers training; start-up, the final evaluation and the save come on top.
-MINUTES=$($PY -c "print(f'{($BUDGET - 20) / 60:.3f}')")
+MINUTES=$("$PY" -c "print(f'{($BUDGET - 20) / 60:.3f}')")
 PIDS=()
 NAMES=()
 while read -r name args; do

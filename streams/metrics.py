@@ -52,22 +52,24 @@ GC_PAUSE = Histogram(
 GC_LOG_SECONDS = 0.05  # a pause this long is logged: it delays every turn in flight
 
 
+_gc_started: list[float] = []  # when the collection in progress began
+
+
+def _time_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_started[:] = [time.perf_counter()]
+    elif _gc_started:
+        pause = time.perf_counter() - _gc_started[0]
+        GC_PAUSE.labels(str(info["generation"])).observe(pause)
+        if pause >= GC_LOG_SECONDS:
+            log.info("gc generation %d paused the worker %.0f ms (%d collected)",
+                     info["generation"], pause * 1000, info["collected"])  # fmt: skip
+
+
 def track_gc() -> None:
-    """Time every garbage collection of this process (once per process)."""
-    started: list[float] = []
-
-    def on_gc(phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            started[:] = [time.perf_counter()]
-        elif started:
-            pause = time.perf_counter() - started[0]
-            GC_PAUSE.labels(str(info["generation"])).observe(pause)
-            if pause >= GC_LOG_SECONDS:
-                log.info("gc generation %d paused the worker %.0f ms (%d collected)",
-                         info["generation"], pause * 1000, info["collected"])  # fmt: skip
-
-    if on_gc.__qualname__ not in {getattr(c, "__qualname__", "") for c in gc.callbacks}:
-        gc.callbacks.append(on_gc)
+    """Time every garbage collection of this process (a second call changes nothing)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
 
 
 def serve(port: int) -> int:
