@@ -188,6 +188,35 @@ def test_swaps_are_applied_at_the_next_turn_newest_first_without_a_gap(lm):
     assert [e.offset for e in mem.state.pending_events] == [4, 5]  # no gap (invariant 1)
 
 
+def test_a_staged_swap_waits_for_the_next_question_and_facts_meanwhile_are_kept(lm, monkeypatch):
+    deferred = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
+    (_, _), (v2, w2) = _two_versions(lm, deferred)
+    eager = ModelEngine(lm, base_model_version="7", max_new_tokens=2)
+    _two_versions(lm, eager)
+    assert deferred.swap(v2, w2) == "swapped" and eager.swap(v2, w2) == "swapped"
+    eager.memory("u1")  # applied now, as at any use before
+    assert deferred.answer([_turn(5), _turn(6)]) == eager.answer([_turn(5), _turn(6)]) == []
+    mem = deferred._scopes["u1"]
+    assert mem.staged is not None and mem.fast_weights_version is None  # facts: still staged
+    assert [e.offset for e in mem.state.pending_events] == list(range(7))
+    [reply] = deferred.answer([_turn(7, role="user")])
+    assert reply.fast_weights_version == "2" and mem.staged is None
+    [expected] = eager.answer([_turn(7, role="user")])
+    got, ref = deferred.memory("u1").state, eager.memory("u1").state
+    assert [e.offset for e in got.pending_events] == [e.offset for e in ref.pending_events]
+    assert [e.offset for e in got.pending_events] == [4, 5, 6, 7]  # no gap (invariant 1)
+    for a, b in zip(got.S, ref.S, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert reply.text == expected.text
+    # A scope that only states facts applies it once too much is pending beside S.
+    (v3, w3) = _weights(lm, deferred, upto=6, version="3")
+    monkeypatch.setattr("streams.memory.MAX_DEFERRED_EVENTS", 3)
+    assert deferred.swap(v3, w3) == "swapped"
+    deferred.answer([_turn(8)])
+    assert mem.fast_weights_version == "3" and mem.staged is None
+    assert [e.offset for e in mem.state.pending_events] == [7, 8]
+
+
 def test_a_swap_staged_while_the_engine_applies_an_older_one_is_kept(lm):
     # The agent stages swaps from its event loop while the engine thread may be applying
     # the scope's previous one (streams/swaps.py); the newer one must survive that.
