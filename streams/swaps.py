@@ -3,13 +3,15 @@
 A sleep batch publishes one version per scope at once. Taken one at a time, the last scope
 of a burst of 100 waited for 99 registry round trips, downloads and engine calls. So a
 burst is verified with one registry lookup (its bytes read from the sleep worker's local
-copy, ``consolidation/blobs.py``), each swap is staged as soon as its weights are ready,
-and the next burst does not wait for this one. A scope's publishes still swap in order: a
-rollback must land after the version it undoes.
+copy, ``consolidation/blobs.py``; those of scopes with a question waiting first), each
+swap is staged as soon as its weights are ready, and the next burst does not wait for this
+one. A scope's publishes still swap in order: a rollback must land after the version it
+undoes.
 
 Staging (``Engine.swap``) runs here on the event loop, not on the engine thread: queued
 there, a swap waited for the answer call in progress (~200 ms for 128 turns at 100 scopes,
-``somna bench swap``). The model work of a swap is done at the scope's next turn.
+``somna bench swap``). The model work of a swap is done when the scope is next asked
+something (``streams/memory.py``).
 
 The agent acks a burst's offsets once it is handed over, before the swaps end: a crash
 loses the in-memory states anyway, and a restarted worker loads each scope's live version
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +51,7 @@ class Swapper:
         self._chains: dict[str, asyncio.Task] = {}  # scope -> its last swap not yet done
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._room = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._waited: Counter[str] = Counter()  # scope -> questions waiting for its swap
 
     async def submit(self, burst: list[tuple[FastWeightsPublished, float | None]]) -> None:
         """Start the swaps of ``burst`` ((published, record timestamp) pairs); returns once
@@ -70,9 +74,17 @@ class Swapper:
     async def wait_for(self, scopes: set[str], timeout: float) -> None:
         """Until the swaps of ``scopes`` submitted so far are staged (at most ``timeout``
         s: a slow registry must not hold their turns for long)."""
-        pending = [self._chains[s] for s in scopes if s in self._chains]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        waiting = [s for s in scopes if s in self._chains]
+        if not waiting:
+            return
+        self._waited.update(waiting)  # their artifacts are read first (ScopeLoader.fetch_many)
+        try:
+            await asyncio.wait([self._chains[s] for s in waiting], timeout=timeout)
+        finally:
+            self._waited.subtract(waiting)
+            for s in waiting:
+                if self._waited[s] <= 0:
+                    del self._waited[s]
 
     def pending(self, scope: str) -> bool:
         """Has ``scope`` a swap submitted and not yet staged?"""
@@ -92,7 +104,9 @@ class Swapper:
         self, published: list[FastWeightsPublished], ready: list[asyncio.Future]
     ) -> None:
         try:
-            async for i, weights in self.loader.fetch_many(published):
+            async for i, weights in self.loader.fetch_many(
+                published, wanted=self._waited.__contains__
+            ):
                 ready[i].set_result(weights)
         except Exception:  # noqa: BLE001 (fetch_many logs and refuses; this is a bug)
             log.exception("fetching %d fast weights", len(published))
