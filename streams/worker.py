@@ -39,6 +39,10 @@ def model_engine(settings: Settings) -> Engine:
     from consolidation.base_model import ensure_base_model
     from streams.memory import ModelEngine
 
+    if settings.agent_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.agent_torch_threads)
     base = ensure_base_model(settings.tracking_uri)
     log.info("serving base model version %s", base.version)
     return ModelEngine(
