@@ -100,3 +100,25 @@ def test_a_job_whose_weights_never_come_back_is_sent_again_with_its_id():
     assert t.on_fast_weights(_published(0)) is None  # its weights came: nothing in flight
     clock.t += 60
     assert t.due() == []
+
+
+class CountingTable(dict):
+    writes = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_the_idle_timer_writes_only_the_rows_it_changes():
+    clock, table = Clock(), CountingTable()
+    t = ConsolidationTracker(table, chunk_tokens=30, idle_seconds=5.0, passes=2, clock=clock)
+    for s in range(10):
+        t.on_interaction(_turn(s, scope=f"s{s}"), s, 10)
+    assert table.writes == 10
+    clock.t += 1
+    assert t.due() == [] and table.writes == 10  # nothing idle yet: no changelog record
+    t.on_interaction(_turn(10, scope="s0"), 10, 10)
+    clock.t += 4.5  # all but s0 idle now
+    assert sorted(j.scope_id for j in t.due()) == [f"s{s}" for s in range(1, 10)]
+    assert table.writes == 11 + 9
