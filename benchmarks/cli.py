@@ -21,6 +21,7 @@ class Bench(StrEnum):
     swap = "swap"
     chaos = "chaos"
     answer = "answer"
+    contention = "contention"
 
 
 MODULES = {
@@ -30,6 +31,7 @@ MODULES = {
     Bench.swap: "benchmarks.swap",
     Bench.chaos: "benchmarks.chaos",
     Bench.answer: "benchmarks.answer_batch",
+    Bench.contention: "benchmarks.contention",
 }
 
 

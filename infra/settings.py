@@ -46,9 +46,9 @@ class Settings(BaseSettings):
     history_window_seconds: float = Field(default=5.0, gt=0)
     # Scopes whose memory the inference agent keeps loaded (LRU); the rest reload on demand.
     agent_max_scopes: int = Field(default=1024, ge=1)
-    # Torch threads of the agent's engine. One: its calls are small (3 questions: 12 ms),
-    # and with two, one other busy process on a 2-core box made them 30 ms at p50 and up
-    # to 185 ms (each op waits for both threads); with one, 9 ms. 0: torch's default.
+    # Torch threads of the agent's engine. One: with two, one other busy process on a
+    # 2-core box made a 3-question call 42 ms at p50 and 210 at p99 instead of 21 and 32
+    # (each op waits for both threads; `somna bench contention`). 0: torch's default.
     agent_torch_threads: int = Field(default=1, ge=0, le=256)
     # Consumer group of `somna worker stream` (None: derived from its roles).
     stream_group: str | None = None
