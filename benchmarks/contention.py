@@ -4,8 +4,9 @@ On a small CPU box the agent shares its cores with Kafka, MLflow, the sleep work
 users' clients. This times two engine calls of the shipped checkpoint (facts-n4), with 1
 and with 2 torch threads, next to nothing, one busy process at normal priority, and one
 spinning at SCHED_IDLE (what the sleep worker runs as on a CPU):
-- urgent: 3 scopes each with a staged swap (8 facts, 3 after its watermark), each asked a
-  question: what a question waiting for its scope's new fast weights costs;
+- urgent: 3 scopes each with a staged swap that keeps its last ``KEPT_EVENTS`` facts
+  (~180 tokens), each asked a question: what a question waiting for its scope's new fast
+  weights costs;
 - facts: 50 scopes stating one fact each: a background call of `somna bench swap`'s load.
 Each cell: p50 / p99 / max over many calls (a pause between calls, as turns come), and
 the p99 against the same call with 1 thread and no neighbour, measured in the same run.
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from benchmarks.answer_batch import CHECKPOINT, QUESTION, _fact, _turn
+from benchmarks.pipeline import pct
+from consolidation.fast_weights import FastWeights
 from model import HybridLM
 from streams.memory import ModelEngine
 from streams.records import FastWeightsPublished
@@ -40,15 +43,6 @@ SPIN = {
 FULL = {"calls": {"urgent": 300, "facts": 100}, "threads": (1, 2)}
 QUICK = {"calls": {"urgent": 40, "facts": 15}, "threads": (1, 2)}
 PAUSE_S = 0.01  # between calls: the engine thread waits for turns, as in the agent
-
-
-class _Staged:
-    """Stand-in for the fetched artifact: what ``ModelEngine.swap`` reads of it."""
-
-    def __init__(self, scope: str, tensors: dict, config_hash: str, watermark: int) -> None:
-        self.scope_id, self.version, self.tensors = scope, "1", tensors
-        self.metadata = {"config_hash": config_hash}
-        self.base_model_version, self.watermark = "bench", watermark
 
 
 KEPT_EVENTS = 7  # after a swap's watermark: ~180 tokens, as in `somna bench swap`
@@ -72,8 +66,12 @@ def _urgent(lm: HybridLM) -> tuple[Callable[[], Any], Callable[[], Any]]:
                 scope_id=s, version=str(fact), artifact_uri="mlflow-artifacts:/bench",
                 sha256="0" * 64, watermark=watermark, base_model_version="bench", job_id="bench",
             )  # fmt: skip
-            staged = _Staged(s, state.fast_weights(), lm.config.config_hash(), watermark)
-            if engine.swap(published, staged) != "swapped":
+            weights = FastWeights(
+                scope_id=s, version=str(fact), tensors=state.fast_weights(),
+                metadata={"config_hash": lm.config.config_hash()}, watermark=watermark,
+                base_model_version="bench",
+            )  # fmt: skip
+            if engine.swap(published, weights) != "swapped":
                 raise RuntimeError(f"bench swap of {s} not staged")
         offset[0] += 2
 
@@ -107,11 +105,11 @@ def _times(calls: tuple[Callable[[], Any], Callable[[], Any]], n: int) -> list[f
         if i >= 3:
             out.append((time.perf_counter() - t0) * 1e3)
         time.sleep(PAUSE_S)
-    return sorted(out)
+    return out
 
 
 def _cell(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(0.99 * len(xs)))], "max_ms": xs[-1], "n": len(xs)}  # fmt: skip
+    return {"p50_ms": pct(xs, 0.5), "p99_ms": pct(xs, 0.99), "max_ms": max(xs), "n": len(xs)}
 
 
 def run(quick: bool = False, json_path: Path | None = None) -> dict[str, Any]:

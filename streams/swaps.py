@@ -81,10 +81,7 @@ class Swapper:
         try:
             await asyncio.wait([self._chains[s] for s in waiting], timeout=timeout)
         finally:
-            self._waited.subtract(waiting)
-            for s in waiting:
-                if self._waited[s] <= 0:
-                    del self._waited[s]
+            self._waited -= Counter(waiting)  # keeps only the scopes still waited for
 
     def pending(self, scope: str) -> bool:
         """Has ``scope`` a swap submitted and not yet staged?"""

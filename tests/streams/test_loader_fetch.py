@@ -1,5 +1,5 @@
 """A burst of published fast weights read from the sleep worker's local copies
-(ScopeLoader.fetch_many): one at a time, the scopes a question waits for first."""
+(ScopeLoader.fetch_many): the scopes a question waits for first."""
 
 from __future__ import annotations
 
