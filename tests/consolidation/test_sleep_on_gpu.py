@@ -1,0 +1,100 @@
+"""The sleep worker's batched sleep on CUDA (``consolidation.batch.sleep_states``, what
+``run_batch`` calls on a GPU machine) gives the fast weights the CPU gives, and its
+artifact serves the CPU agent: same answers. Skipped where there is no CUDA (CI); run it
+on a GPU machine."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from consolidation.base_model import BaseModel, shipped_checkpoint
+from consolidation.batch import SleepTask, artifact_of, sleep_states
+from consolidation.fast_weights import Lineage, write_artifact
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CHAINS = [["kim", "bob", "tav"], ["sam", "dex", "vin"], ["nal", "mop", "ged"]]
+# Max |gpu - cpu| / max |cpu| of a fast-weight tensor. The batch sleeps in fp32, so the
+# gated delta rule takes the torch ops there too (fla's kernels are bf16/fp16 only); cuDNN
+# may still run the short convolutions in TF32 (about 1e-3).
+TOLERANCE = 5e-3
+
+
+def _chunk(people: list[str], chunk: int, rng: random.Random) -> list[int]:
+    """One chain's facts in a turn, then filler up to ``chunk`` tokens (the shape the
+    shipped checkpoint was trained on, as in test_recall.py)."""
+    from model.tasks.common import _chatter
+    from model.tokenizer import render_turn
+
+    facts = [f"{a} reports to {b}." for a, b in zip(people, people[1:], strict=False)]
+    rng.shuffle(facts)
+    tokens = render_turn("user", " ".join(facts))
+    return tokens + render_turn("user", _chatter(rng, max(1, chunk - len(tokens) - 2)))
+
+
+def _tasks(chunk: int) -> list[SleepTask]:
+    """A ragged batch: one chain per scope, a scope with all three (three rounds), and
+    scopes whose chunks are cut short."""
+    rng = random.Random(0)
+    chunks = [_chunk(p, chunk, rng) for p in CHAINS]
+
+    def task(scope: str, cs: list[list[int]]) -> SleepTask:
+        lin = Lineage(scope, f"job-{scope}", None, "test", 0, len(cs), 4, sum(map(len, cs)))
+        return SleepTask(lineage=lin, chunks=cs)
+
+    return [
+        *(task(f"chain{c}", [cs]) for c, cs in enumerate(chunks)),
+        task("all", chunks),
+        task("short", [chunks[0][: chunk // 3], chunks[1][: chunk // 2]]),
+    ]
+
+
+def _answer(lm, weights: dict, person: str) -> str:
+    from model import MemoryState
+    from model.tokenizer import ASSISTANT, ByteTokenizer, render_turn
+
+    state = MemoryState.from_fast_weights(weights, lm.config)
+    prompt = render_turn("user", f"who is {person}'s boss?") + [ASSISTANT]
+    return ByteTokenizer().decode(lm.generate(prompt, state, max_new_tokens=8)).strip()
+
+
+def test_batched_sleep_on_cuda_matches_the_cpu_and_serves_the_cpu_agent(tmp_path: Path) -> None:
+    from model import HybridLM
+    from model.artifact import load_artifact, state_from_artifact
+
+    ckpt = shipped_checkpoint("facts-n4")
+    # Two loads: sleep_states moves the model it is given to the batch's device.
+    cpu = BaseModel(HybridLM.load(ckpt, device="cpu"), "test", ckpt)
+    gpu = BaseModel(HybridLM.load(ckpt, device="cpu"), "test", ckpt)
+    cfg = cpu.lm.config
+    passes = cfg.sleep_passes
+    tasks = _tasks(cfg.chunk)
+    on_cpu = sleep_states(cpu, tasks, passes, "cpu")
+    on_gpu = sleep_states(gpu, tasks, passes, "cuda")
+    assert gpu.lm.device.type == "cuda"
+
+    for task, c, g in zip(tasks, on_cpu, on_gpu, strict=True):
+        assert c.keys() == g.keys()
+        for name in c:
+            assert g[name].device.type == "cpu"  # what the artifact writer and the agent take
+            err = float((g[name] - c[name]).abs().max() / c[name].abs().max().clamp_min(1e-12))
+            assert err < TOLERANCE, (task.lineage.scope_id, name, err)
+
+    # The agent (on the CPU) answers from GPU-slept weights as from CPU-slept ones.
+    lm = cpu.lm
+    for task, c, g in zip(tasks, on_cpu, on_gpu, strict=True):
+        for people in CHAINS:
+            assert _answer(lm, g, people[0]) == _answer(lm, c, people[0]), task.lineage.scope_id
+
+    # Its artifact, written as run_batch writes it, verifies and loads on the CPU.
+    tensors, meta = artifact_of(gpu, on_gpu[3], tasks[3].lineage)
+    path = tmp_path / "fast_weights.safetensors"
+    write_artifact(path, tensors, meta)
+    loaded, loaded_meta = load_artifact(path, expected_sha256=meta["sha256"])
+    state = state_from_artifact(loaded, loaded_meta, cfg)
+    for people in CHAINS:
+        assert _answer(lm, state.fast_weights(), people[0]) == _answer(lm, on_gpu[3], people[0])
