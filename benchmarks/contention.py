@@ -41,7 +41,7 @@ import torch
 from benchmarks.answer_batch import CHECKPOINT, QUESTION, _fact, _turn
 from benchmarks.pipeline import cpu_seconds, pct
 from consolidation.batch import SleepTask
-from consolidation.fast_weights import FastWeights
+from consolidation.fast_weights import FastWeights, Lineage
 from model import HybridLM
 from streams.memory import ModelEngine
 from streams.records import FastWeightsPublished
@@ -137,6 +137,18 @@ def _cell(xs: list[float]) -> dict[str, float]:
     return {"p50_ms": pct(xs, 0.5), "p99_ms": pct(xs, 0.99), "max_ms": max(xs), "n": len(xs)}
 
 
+def sleep_tasks(n: int, seed: int = 0) -> list[SleepTask]:
+    """``n`` scopes with one job chunk each (``SLEEP_CHUNK`` random byte tokens), from zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        SleepTask(
+            lineage=Lineage(f"s{i}", "bench", None, "bench", 0, SLEEP_CHUNK, 4, SLEEP_CHUNK),
+            chunks=[torch.randint(0, 256, (SLEEP_CHUNK,), generator=gen).tolist()],
+        )
+        for i in range(n)
+    ]
+
+
 def sleep_loop_main(device: str, sched: str, count_file: Path) -> None:
     """A neighbour: the sleep worker's batched sleep (``sleep_states``) back to back until
     killed, under scheduling ``sched`` ("idle", "normal", or "blocking": normal with the
@@ -144,7 +156,6 @@ def sleep_loop_main(device: str, sched: str, count_file: Path) -> None:
     ``count_file`` after each."""
     from consolidation.base_model import BaseModel
     from consolidation.batch import sleep_states
-    from consolidation.fast_weights import Lineage
     from consolidation.sleep_worker import apply_scheduling
     from infra.settings import Settings
 
@@ -153,14 +164,7 @@ def sleep_loop_main(device: str, sched: str, count_file: Path) -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     lm = HybridLM.load(CHECKPOINT, device="cpu")
     base = BaseModel(lm=lm, version="bench", checkpoint_dir=CHECKPOINT)
-    gen = torch.Generator().manual_seed(0)
-    tasks = [
-        SleepTask(
-            lineage=Lineage(f"s{i}", "bench", None, "bench", 0, SLEEP_CHUNK, 4, SLEEP_CHUNK),
-            chunks=[torch.randint(0, 256, (SLEEP_CHUNK,), generator=gen).tolist()],
-        )
-        for i in range(SLEEP_SCOPES[device])
-    ]
+    tasks = sleep_tasks(SLEEP_SCOPES[device])
     sleep_states(base, tasks[:1], lm.config.sleep_passes, device)  # load and warm up, untimed
     apply_scheduling(Settings(sleep_sched="idle" if sched == "idle" else "normal"), device)
     done = 0

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.contention import SLEEP_CHUNK
+from benchmarks.contention import SLEEP_CHUNK, sleep_tasks
 from consolidation.base_model import BaseModel, shipped_checkpoint
-from consolidation.batch import SleepTask, sleep_states
+from consolidation.batch import sleep_states
 from consolidation.cost import EnergyMeter
-from consolidation.fast_weights import Lineage
 from model import HybridLM
 
 SCOPES = (1, 32, 128)
@@ -40,17 +39,6 @@ VARIANTS = {  # name -> (autocast dtype or None, SOMNA_FORCE_TORCH_OPS)
     "bf16 autocast, fla": (torch.bfloat16, "0"),
     "bf16 autocast, torch ops": (torch.bfloat16, "1"),
 }
-
-
-def _tasks(n: int) -> list[SleepTask]:
-    gen = torch.Generator().manual_seed(n)
-    return [
-        SleepTask(
-            lineage=Lineage(f"s{i}", "bench", None, "bench", 0, SLEEP_CHUNK, 4, SLEEP_CHUNK),
-            chunks=[torch.randint(0, 256, (SLEEP_CHUNK,), generator=gen).tolist()],
-        )
-        for i in range(n)
-    ]
 
 
 def _rel(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
@@ -79,7 +67,7 @@ def run(json_path: Path | None = None) -> dict[str, Any]:
         if "fla" in name and backend_for(probe) != "fla":
             continue  # fla is not installed here
         for n in SCOPES:
-            tasks = _tasks(n)
+            tasks = sleep_tasks(n, seed=n)
             cast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
             walls, cpus, joules = [], [], []
             with cast:
@@ -95,14 +83,14 @@ def run(json_path: Path | None = None) -> dict[str, Any]:
                     if j is not None:
                         joules.append(j)
             reference.setdefault(n, out)
-            wall = statistics.median(walls)
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
             cells[f"{name}/{n}"] = {
                 "variant": name,
                 "scopes": n,
                 "tokens": n * SLEEP_CHUNK,
                 "wall_s": wall,
-                "cpu_s": statistics.median(cpus),
-                "cpu_per_wall": statistics.median(cpus) / wall,
+                "cpu_s": cpu,
+                "cpu_per_wall": cpu / wall,
                 "tokens_per_s": n * SLEEP_CHUNK * passes / wall,
                 "joules": statistics.median(joules) if joules else None,
                 "rel_err_vs_fp32": _rel(out, reference[n]),

@@ -32,8 +32,10 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/consolidation/tes
 since test "${PIPESTATUS[0]}"
 timeout 150 python3 -m benchmarks.gpu_sleep_cost --json "$OUT/gpu-sleep-cost.json" 2>&1 | tee "$OUT/cost.log"
 since cost "${PIPESTATUS[0]}"
-timeout 200 python3 -m benchmarks.contention --threads 1 --cpus 0,1 \
-  --neighbours sleep_cpu_idle,sleep_gpu,sleep_gpu_idle,sleep_gpu_blocking \
+# On 2 cores of the H100 machine the engine is ~3x slower than on our CPU box: four
+# neighbours did not end in 200 s; these two took 157 s.
+timeout 230 python3 -m benchmarks.contention --threads 1 --cpus 0,1 \
+  --neighbours sleep_gpu,sleep_gpu_idle \
   --json "$OUT/contention-2cores.json" 2>&1 | tee "$OUT/contention-2cores.log"
 since contention-2cores "${PIPESTATUS[0]}"
 timeout 120 python3 -m benchmarks.contention --threads 1 --neighbours sleep_gpu,sleep_gpu_blocking \

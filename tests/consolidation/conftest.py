@@ -1,7 +1,9 @@
-"""Fixtures of the consolidation tests: a registered base model, history helpers."""
+"""Fixtures of the consolidation tests: a registered base model, history helpers, and the
+reporting chains the shipped checkpoint recalls."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from pathlib import Path
 
@@ -55,3 +57,34 @@ def history_rows(
                          role="user", text=text, ts=1_760_000_000.0 + i)  # fmt: skip
         rows.append(row_of(ev, topic=INTERACTIONS, partition=partition, offset=first_offset + i))
     return rows
+
+
+# Who reports to whom: each chain's facts make one chunk (``chain_chunk_texts``), the shape
+# the shipped checkpoint was trained on (two facts per chunk, model/checkpoints/README.md).
+CHAINS = [["kim", "bob", "tav"], ["sam", "dex", "vin"], ["nal", "mop", "ged"]]
+
+
+def chain_chunk_texts(chunk: int) -> list[list[str]]:
+    """Per chain: its facts (shuffled) in one turn, then a filler turn up to ``chunk`` tokens."""
+    from model.tasks.common import _chatter
+    from model.tokenizer import render_turn
+
+    rng = random.Random(0)
+    out = []
+    for people in CHAINS:
+        facts = [f"{a} reports to {b}." for a, b in zip(people, people[1:], strict=False)]
+        rng.shuffle(facts)
+        text = " ".join(facts)
+        room = chunk - len(render_turn("user", text)) - 2
+        out.append([text, _chatter(rng, max(1, room))])
+    return out
+
+
+def answer(lm, weights: dict, person: str) -> str:
+    """What ``lm`` answers from these fast weights to "who is PERSON's boss?"."""
+    from model import MemoryState
+    from model.tokenizer import ASSISTANT, ByteTokenizer, render_turn
+
+    state = MemoryState.from_fast_weights(weights, lm.config)
+    prompt = render_turn("user", f"who is {person}'s boss?") + [ASSISTANT]
+    return ByteTokenizer().decode(lm.generate(prompt, state, max_new_tokens=8)).strip()

@@ -1,13 +1,12 @@
 """With the shipped trained checkpoint: a retracted fact is no longer recalled after the
 rebuild, while the other facts still are. Skipped (saying why) when the checkpoint does
 not recall at least two of the chains in the first place: then only the purge and the
-rebuild lineage, tested in test_retraction.py, can be asserted. The chains have the
-shape the checkpoint was trained on (two facts per chunk, model/checkpoints/README.md)."""
+rebuild lineage, tested in test_retraction.py, can be asserted. The chains
+(``conftest.CHAINS``) have the shape the checkpoint was trained on."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
@@ -20,36 +19,15 @@ from consolidation.retraction import apply
 from infra.settings import Settings
 from streams.history import write_rows
 from streams.records import SleepJob
-from tests.consolidation.conftest import history_rows, scope_id
+from tests.consolidation.conftest import (
+    CHAINS,
+    answer,
+    chain_chunk_texts,
+    history_rows,
+    scope_id,
+)
 
 pytestmark = pytest.mark.mlflow
-
-CHAINS = [["kim", "bob", "tav"], ["sam", "dex", "vin"], ["nal", "mop", "ged"]]
-
-
-def _chunk_texts(chunk: int) -> list[list[str]]:
-    """Per chain: its facts (shuffled) in one turn, then a filler turn up to ``chunk`` tokens."""
-    from model.tasks.common import _chatter
-    from model.tokenizer import render_turn
-
-    rng = random.Random(0)
-    out = []
-    for people in CHAINS:
-        facts = [f"{a} reports to {b}." for a, b in zip(people, people[1:], strict=False)]
-        rng.shuffle(facts)
-        text = " ".join(facts)
-        room = chunk - len(render_turn("user", text)) - 2
-        out.append([text, _chatter(rng, max(1, room))])
-    return out
-
-
-def _answer(base, weights: dict, person: str) -> str:
-    from model import MemoryState
-    from model.tokenizer import ASSISTANT, ByteTokenizer, render_turn
-
-    state = MemoryState.from_fast_weights(weights, base.lm.config)
-    prompt = render_turn("user", f"who is {person}'s boss?") + [ASSISTANT]
-    return ByteTokenizer().decode(base.lm.generate(prompt, state, max_new_tokens=8)).strip()
 
 
 @pytest.mark.parametrize("which", ["first", "last"])
@@ -61,7 +39,7 @@ def test_retracted_fact_is_no_longer_recalled(
     settings = Settings(data_dir=tmp_path / "somna", mlflow_uri=mlflow_uri, kafka_bootstrap="127.0.0.1:1",
                         chunk_tokens=chunk, sleep_passes=base_model.lm.config.sleep_passes)  # fmt: skip
     scope = scope_id("recall")
-    texts = [t for pair in _chunk_texts(chunk) for t in pair]
+    texts = [t for pair in chain_chunk_texts(chunk) for t in pair]
     write_rows(
         settings.history_dir, "somna.interactions", 0, history_rows(scope, texts, first_offset=0)
     )
@@ -72,7 +50,7 @@ def test_retracted_fact_is_no_longer_recalled(
         run_batch(mlflow_uri, base_model, [plan.task], passes=settings.sleep_passes, device="cpu")
     live = fast_weights.latest_live(mlflow_uri, scope)
     weights = fast_weights_load.load_fast_weights(mlflow_uri, live, scope).tensors
-    before = {people[0]: _answer(base_model, weights, people[0]) for people in CHAINS}
+    before = {people[0]: answer(base_model.lm, weights, people[0]) for people in CHAINS}
     recalled = [c for c, p in enumerate(CHAINS) if before[p[0]] == p[1] + "."]
     if len(recalled) < 2:
         pytest.skip(
@@ -87,7 +65,7 @@ def test_retracted_fact_is_no_longer_recalled(
     # Chain c's facts are event 2c of the scope's history (history_rows numbers them).
     result = asyncio.run(apply(settings, base_model, scope, f"{scope}-e{2 * gone}", "wrong"))
     after_w = fast_weights_load.load_fast_weights(mlflow_uri, result.published, scope).tensors
-    after = {people[0]: _answer(base_model, after_w, people[0]) for people in CHAINS}
+    after = {people[0]: answer(base_model.lm, after_w, people[0]) for people in CHAINS}
     assert after[CHAINS[gone][0]] != CHAINS[gone][1] + "."
     for c in kept:
         assert after[CHAINS[c][0]] == CHAINS[c][1] + "."

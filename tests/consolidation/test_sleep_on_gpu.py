@@ -5,7 +5,6 @@ on a GPU machine."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -14,33 +13,25 @@ import torch
 from consolidation.base_model import BaseModel, shipped_checkpoint
 from consolidation.batch import SleepTask, artifact_of, sleep_states
 from consolidation.fast_weights import Lineage, write_artifact
+from tests.consolidation.conftest import CHAINS, answer, chain_chunk_texts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-CHAINS = [["kim", "bob", "tav"], ["sam", "dex", "vin"], ["nal", "mop", "ged"]]
 # Max |gpu - cpu| / max |cpu| of a fast-weight tensor. The batch sleeps in fp32, so the
 # gated delta rule takes the torch ops there too (fla's kernels are bf16/fp16 only); cuDNN
 # may still run the short convolutions in TF32 (about 1e-3).
 TOLERANCE = 5e-3
 
 
-def _chunk(people: list[str], chunk: int, rng: random.Random) -> list[int]:
-    """One chain's facts in a turn, then filler up to ``chunk`` tokens (the shape the
-    shipped checkpoint was trained on, as in test_recall.py)."""
-    from model.tasks.common import _chatter
-    from model.tokenizer import render_turn
-
-    facts = [f"{a} reports to {b}." for a, b in zip(people, people[1:], strict=False)]
-    rng.shuffle(facts)
-    tokens = render_turn("user", " ".join(facts))
-    return tokens + render_turn("user", _chatter(rng, max(1, chunk - len(tokens) - 2)))
-
-
 def _tasks(chunk: int) -> list[SleepTask]:
     """A ragged batch: one chain per scope, a scope with all three (three rounds), and
     scopes whose chunks are cut short."""
-    rng = random.Random(0)
-    chunks = [_chunk(p, chunk, rng) for p in CHAINS]
+    from model.tokenizer import render_turn
+
+    chunks = [
+        render_turn("user", facts) + render_turn("user", filler)
+        for facts, filler in chain_chunk_texts(chunk)
+    ]
 
     def task(scope: str, cs: list[list[int]]) -> SleepTask:
         lin = Lineage(scope, f"job-{scope}", None, "test", 0, len(cs), 4, sum(map(len, cs)))
@@ -51,15 +42,6 @@ def _tasks(chunk: int) -> list[SleepTask]:
         task("all", chunks),
         task("short", [chunks[0][: chunk // 3], chunks[1][: chunk // 2]]),
     ]
-
-
-def _answer(lm, weights: dict, person: str) -> str:
-    from model import MemoryState
-    from model.tokenizer import ASSISTANT, ByteTokenizer, render_turn
-
-    state = MemoryState.from_fast_weights(weights, lm.config)
-    prompt = render_turn("user", f"who is {person}'s boss?") + [ASSISTANT]
-    return ByteTokenizer().decode(lm.generate(prompt, state, max_new_tokens=8)).strip()
 
 
 def test_batched_sleep_on_cuda_matches_the_cpu_and_serves_the_cpu_agent(tmp_path: Path) -> None:
@@ -88,7 +70,7 @@ def test_batched_sleep_on_cuda_matches_the_cpu_and_serves_the_cpu_agent(tmp_path
     lm = cpu.lm
     for task, c, g in zip(tasks, on_cpu, on_gpu, strict=True):
         for people in CHAINS:
-            assert _answer(lm, g, people[0]) == _answer(lm, c, people[0]), task.lineage.scope_id
+            assert answer(lm, g, people[0]) == answer(lm, c, people[0]), task.lineage.scope_id
 
     # Its artifact, written as run_batch writes it, verifies and loads on the CPU.
     tensors, meta = artifact_of(gpu, on_gpu[3], tasks[3].lineage)
@@ -97,4 +79,4 @@ def test_batched_sleep_on_cuda_matches_the_cpu_and_serves_the_cpu_agent(tmp_path
     loaded, loaded_meta = load_artifact(path, expected_sha256=meta["sha256"])
     state = state_from_artifact(loaded, loaded_meta, cfg)
     for people in CHAINS:
-        assert _answer(lm, state.fast_weights(), people[0]) == _answer(lm, on_gpu[3], people[0])
+        assert answer(lm, state.fast_weights(), people[0]) == answer(lm, on_gpu[3], people[0])
