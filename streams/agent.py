@@ -4,9 +4,10 @@ The agent's intake is its own consumer group (``streams/agent_consumer.py``: a p
 aiokafka consumer of interactions, fast weights and retractions, co-partitioned), hosted
 in the stream worker's event loop beside the Faust App that runs the other roles and the
 timers. One :class:`~streams.engine.Engine` holds the model and each scope's memory. All
-engine calls run in one dedicated thread, one at a time, most urgent first and in arrival
-order within a priority: torch work never blocks the event loop (heartbeats, fetches and
-produces go on meanwhile), and a scope's memory is only ever touched by that thread.
+engine calls run in one dedicated thread (``streams/engine_thread.py``), one at a time,
+most urgent first, question calls queued together merged into one: torch work never
+blocks the event loop (heartbeats, fetches and produces go on meanwhile), and a scope's
+memory is only ever touched by that thread.
 Consolidation never runs here (invariant 2): the agent only reads what the sleep workers
 publish.
 
@@ -28,16 +29,12 @@ not yet done is held back until that call is, and a load never evicts such a sco
 from __future__ import annotations
 
 import asyncio
-import enum
-import itertools
 import logging
 import os
-import queue
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import faust
 import mode
@@ -49,6 +46,7 @@ from streams import metrics
 from streams.agent_consumer import AgentConsumer, Batch, SendFn, agent_group_id
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, Turn
+from streams.engine_thread import EngineThread, Priority
 from streams.loader import ScopeLoader
 from streams.records import FastWeightsPublished, Interaction, Retraction
 from streams.swaps import Swapper
@@ -64,54 +62,6 @@ SLOW_BATCH_SECONDS = float(os.environ.get("SOMNA_SLOW_BATCH_MS", "300")) / 1000
 SWAP_WAIT_SECONDS = 0.2
 # Fact turns per background engine call: the most a held-back question waits behind.
 BACKGROUND_CALL_TURNS = 16
-
-T = TypeVar("T")
-
-
-class Priority(enum.IntEnum):
-    """Engine calls run most urgent first, in arrival order within a priority."""
-
-    URGENT = 0  # questions that already waited for their scope's swap or load
-    NORMAL = 1
-    BACKGROUND = 2  # facts nobody waits for, and cold loads queued behind them
-
-
-class EngineThread:
-    """Runs engine calls one at a time on a thread of their own (see :class:`Priority`)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._arrival = itertools.count()
-        # A daemon: it ends with the worker's process; queued calls die with their loop.
-        self._thread = threading.Thread(target=self._work, name="somna-engine", daemon=True)
-        self._thread.start()
-
-    async def call(
-        self, fn: Callable[..., T], *args: object, priority: Priority = Priority.NORMAL
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        self._queue.put((priority, next(self._arrival), fn, args, loop, done))
-        return await done
-
-    def _work(self) -> None:
-        while True:
-            _, _, fn, args, loop, done = self._queue.get()
-            try:
-                result = fn(*args)
-            except BaseException as e:  # noqa: BLE001 (handed to the caller)
-                loop.call_soon_threadsafe(_settle, done, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, done, result, None)
-
-
-def _settle(done: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if done.done():  # the caller was cancelled meanwhile
-        return
-    if error is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(result)
 
 
 def install(
@@ -294,13 +244,10 @@ class Agent:
         """Answer ``turns`` of scopes in memory and send the replies."""
         if not turns:
             return
-        started: list[float] = []
         if self.engine.blocking:
-            replies = await self.thread.call(
-                _timed, started, self.engine.answer, turns, priority=priority
-            )
+            replies, started = await self.thread.answer(self.engine.answer, turns, priority)
         else:
-            replies = self.engine.answer(turns)
+            replies, started = self.engine.answer(turns), None
         self._log_if_slow(turns, t_taken, t_loaded or t_taken, started)
         for reply in replies:
             # The send only enqueues: no reply waits for another's delivery; the offsets
@@ -341,7 +288,7 @@ class Agent:
         await self.thread.call(engine.install, snapshots, self.busy, priority=Priority.BACKGROUND)
 
     def _log_if_slow(
-        self, turns: list[Turn], taken: float, loaded: float, started: list[float]
+        self, turns: list[Turn], taken: float, loaded: float, started: float | None
     ) -> None:
         # Only turns someone waits for; at most once a second (a backlog is slow throughout).
         done = time.time()
@@ -350,7 +297,7 @@ class Agent:
             return
         self._last_slow_log = done
         oldest = min(asked)
-        start = started[0] if started else loaded
+        start = started or loaded
         # benchmarks/swap.py: where a slow reply's time went, on the agent's side.
         log.info(
             "slow batch of %d turns: %.0f ms record -> taken, load %.0f ms, "
@@ -385,11 +332,6 @@ def _chunks(turns: list[Turn]) -> list[list[Turn]]:
     return [
         turns[i : i + BACKGROUND_CALL_TURNS] for i in range(0, len(turns), BACKGROUND_CALL_TURNS)
     ]
-
-
-def _timed(started: list[float], fn: Callable[..., T], *args: object) -> T:
-    started.append(time.time())  # when the engine thread took it: queue wait before
-    return fn(*args)
 
 
 def _watch_base_model(

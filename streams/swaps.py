@@ -33,7 +33,7 @@ from streams.loader import ScopeLoader
 from streams.records import FastWeightsPublished
 
 if TYPE_CHECKING:
-    from streams.agent import EngineThread
+    from streams.engine_thread import EngineThread
 
 log = logging.getLogger(__name__)
 

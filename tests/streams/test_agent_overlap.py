@@ -12,9 +12,10 @@ from aiokafka import ConsumerRecord
 
 from infra.settings import Settings
 from infra.topics import INTERACTIONS
-from streams.agent import Agent, EngineThread
+from streams.agent import Agent
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import ScopeSnapshot, Turn, make_reply
+from streams.engine_thread import EngineThread
 from streams.loader import ScopeLoader
 from streams.records import Reply
 from tests.streams.conftest import turn
