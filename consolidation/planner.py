@@ -69,11 +69,16 @@ async def plan_job(
     job: SleepJob,
     partition: int | None,
     reader: TopicReader | None = None,
+    *,
+    retracted: set[str] | None = None,
 ) -> Plan:
+    """``retracted``: the scope's retracted event ids when the caller read them already
+    (the sleep worker reads a whole wave's at once); None looks them up."""
     uri = settings.tracking_uri
     scope = job.scope_id
     existing = await asyncio.to_thread(fast_weights.find_version_by_job, uri, scope, job.job_id)
-    live = await asyncio.to_thread(fast_weights.latest_live, uri, scope)
+    live_mv = await asyncio.to_thread(fast_weights.live_version, uri, scope)
+    live = None if live_mv is None else fast_weights.published(live_mv)
     if existing is not None:
         pub = fast_weights.published(existing)
         if live is None or live.watermark < pub.watermark:
@@ -84,9 +89,10 @@ async def plan_job(
             outcome="retried",
         )
     rebuild = job.reason in ("retraction", "rebuild")
-    retracted = await asyncio.to_thread(retraction_record.retracted_event_ids, uri, scope)
+    if retracted is None:
+        retracted = await asyncio.to_thread(retraction_record.retracted_event_ids, uri, scope)
     if live is not None and live.watermark >= job.to_watermark:
-        tags = (await asyncio.to_thread(fast_weights.get_version, uri, scope, live.version)).tags
+        tags = live_mv.tags
         applied = tags.get("retractions_applied", "0") == str(len(retracted))
         if not rebuild or (applied and tags.get("base_model_version") == base.version):
             return Plan(scope, done=live, outcome="stale")

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from consolidation import blobs, metrics
+from consolidation import blobs, fast_weights, metrics
 from consolidation.base_model import BASE_MODEL_NAME, BaseModel, ensure_base_model
 from consolidation.base_model_watch import BaseModelWatch
 from consolidation.batch import pick_device, run_batch
 from consolidation.exceptions import HistoryError
 from consolidation.planner import Plan, plan_job
 from consolidation.publish import make_producer, send_all
+from consolidation.retraction_record import retracted_in
 from consolidation.turns import TopicReader
 from infra.settings import Settings
 from infra.topics import DEAD_LETTERS, RETRACTIONS, SLEEP_JOBS
@@ -42,9 +43,9 @@ log = logging.getLogger(__name__)
 
 GROUP_ID = "somna-sleep"
 MAX_BATCH_TOKENS = 32_768  # tokens of all scopes in one batched sleep
-PLAN_RETRIES = 5
+PLAN_RETRIES = 5  # a job whose events are not readable yet is retried this often, 1 s apart
 PLAN_CONCURRENCY = 8  # jobs planned at once (registry round trips, artifact downloads)
-MAX_FAILURES = 3  # a batch whose first record fails this often: that record is dead-lettered  # a job whose events are not readable yet is retried this often, 1 s apart
+MAX_FAILURES = 3  # a batch whose first record fails this often: that record is dead-lettered
 
 
 @dataclass
@@ -116,12 +117,13 @@ class SleepWorker:
         if not wave:
             return
         limit = asyncio.Semaphore(PLAN_CONCURRENCY)
+        jobs = [(rec, job) for rec, job in wave if job is not None]
+        retracted = await self._retracted([job.scope_id for _, job in jobs])
 
         async def plan(rec, job: SleepJob) -> Plan | None:
             async with limit:
-                return await self._plan(job, rec.partition)
+                return await self._plan(job, rec.partition, retracted.get(job.scope_id))
 
-        jobs = [(rec, job) for rec, job in wave if job is not None]
         plans = await asyncio.gather(*(plan(rec, job) for rec, job in jobs))
         group = _Group()
         for p in plans:
@@ -136,11 +138,31 @@ class SleepWorker:
             group.offsets[_tp(rec)] = rec.offset + 1  # records come in offset order
         await self.flush(group)
 
-    async def _plan(self, job: SleepJob, partition: int) -> Plan | None:
+    async def _retracted(self, scopes: list[str]) -> dict[str, set[str]]:
+        """The retracted events of a wave's scopes, from one registry search per 100 scopes
+        (the registry is the consolidation's bottleneck on a CPU box: every call costs the
+        tracking server 10-50 ms of CPU, and a version takes ~7 of them). {} if it fails:
+        each plan then asks for its own scope."""
+        if not scopes:
+            return {}
+        try:
+            models = await asyncio.to_thread(
+                fast_weights.registered_models, self.settings.tracking_uri, scopes
+            )
+        except Exception as e:  # noqa: BLE001 (an optimisation: the plans look it up)
+            log.warning("registry search for %d scopes failed: %s", len(scopes), e)
+            return {}
+        return {s: retracted_in(models[s].tags) if s in models else set() for s in scopes}
+
+    async def _plan(
+        self, job: SleepJob, partition: int, retracted: set[str] | None = None
+    ) -> Plan | None:
         for attempt in range(PLAN_RETRIES):
             try:
                 t0 = time.perf_counter()
-                plan = await plan_job(self.settings, self.base, job, partition, self.reader)
+                plan = await plan_job(
+                    self.settings, self.base, job, partition, self.reader, retracted=retracted
+                )
                 log.debug(
                     "planned %s (%s) in %.3fs", job.job_id, plan.outcome, time.perf_counter() - t0
                 )

@@ -151,3 +151,25 @@ def test_rollback_serves_the_older_version_and_the_next_job_chains_from_it(
         and tags["from_watermark"] == "2"
         and tags["events"] == "5"
     )
+
+
+def test_a_wave_reads_its_retractions_at_once_and_plans_the_same(three_versions, base_model):
+    # The sleep worker reads a wave's retracted events with one registry search; a plan
+    # given them leaves the same events out as one that looks its scope up.
+    from consolidation.sleep_worker import SleepWorker
+
+    settings, scope, (v1, _, _) = three_versions
+    fast_weights.set_live(settings.tracking_uri, scope, v1.version)  # 2..5 left to sleep
+    event, never = f"{scope}-e3", scope_id("never")
+    retraction_record.record_retraction(settings.tracking_uri, scope, event)
+    worker = SleepWorker(settings, base_model, None, None, device="cpu")
+    wave = asyncio.run(worker._retracted([scope, never]))
+    assert wave == {scope: {event}, never: set()}
+    job = SleepJob(
+        job_id=f"job-{scope}-w", scope_id=scope, from_watermark=2, to_watermark=5, passes=2
+    )
+    given = asyncio.run(plan_job(settings, base_model, job, 0, retracted=wave[scope]))
+    looked_up = asyncio.run(plan_job(settings, base_model, job, 0))
+    assert given.task.chunks == looked_up.task.chunks
+    kept = [t for t in from_history(settings.history_dir, scope, 2, 5) if t.event_id != event]
+    assert given.task.chunks == _chunks(kept, settings.chunk_tokens)
