@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from consolidation import fast_weights, fast_weights_load, retraction_record
 from consolidation.base_model import BaseModel
@@ -27,6 +28,9 @@ from consolidation.fast_weights import Lineage
 from consolidation.turns import TopicReader, Turn, chunk_turns, partition_for, scope_turns
 from infra.settings import Settings
 from streams.records import FastWeightsPublished, SleepJob
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ async def plan_job(
         )
     return Plan(scope, task=await _task(
         settings, base, scope, job.job_id, parent, live, turns, lo, job.to_watermark,
-        job.reason, len(retracted),
+        job.reason, len(retracted), registered=live_mv,
     ))  # fmt: skip
 
 
@@ -131,12 +135,17 @@ async def _task(
     reason: str,
     retractions_applied: int,
     extra: dict[str, str] | None = None,
+    *,
+    registered: ModelVersion | None = None,
 ) -> SleepTask:
+    """``registered``: the registry's record of ``parent`` when the caller read it already
+    (checked the same way, without a second request)."""
     weights = None
     if parent is not None:
         fw = await asyncio.to_thread(
-            fast_weights_load.load_fast_weights, settings.tracking_uri, parent, scope
-        )
+            fast_weights_load.load_fast_weights, settings.tracking_uri, parent, scope,
+            registered=registered,
+        )  # fmt: skip
         weights = fw.tensors
     chunks = _chunks(turns, settings.chunk_tokens)
     lineage = Lineage(
