@@ -22,6 +22,7 @@ class Bench(StrEnum):
     chaos = "chaos"
     answer = "answer"
     contention = "contention"
+    registry = "registry"
 
 
 MODULES = {
@@ -32,6 +33,7 @@ MODULES = {
     Bench.chaos: "benchmarks.chaos",
     Bench.answer: "benchmarks.answer_batch",
     Bench.contention: "benchmarks.contention",
+    Bench.registry: "benchmarks.registry",
 }
 
 

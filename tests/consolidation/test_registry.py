@@ -128,3 +128,24 @@ def test_one_search_finds_the_live_alias_and_retractions_of_many_scopes(
     assert live is not None and fast_weights.published(live) == a2
     assert fast_weights.live_version(mlflow_uri, a) is not None
     assert fast_weights.live_version(mlflow_uri, b, models[b]) is None
+
+
+def test_a_version_costs_two_registry_requests_to_plan_and_four_to_register(
+    mlflow_uri: str, tmp_path: Path, base_model
+) -> None:
+    # `somna bench registry` on three scopes: what the sleep worker asks the tracking
+    # server per version (its bottleneck on a CPU box), counted at the HTTP client.
+    from benchmarks.registry import _measure
+
+    steps = _measure(mlflow_uri, tmp_path / "somna", 3)
+    plan = steps["plan, retractions in one search"]["by_endpoint"]
+    assert plan == {
+        "GET mlflow/model-versions/search": 3,  # the job's version, if a retry registered it
+        "GET mlflow/registered-models/alias": 3,  # live: the parent and its record
+        "GET mlflow/registered-models/search": 1,  # the wave's retractions
+    }
+    register = steps["register (run_batch: sleep + upload + version + alias)"]["by_endpoint"]
+    for endpoint in ("PUT mlflow-artifacts/artifacts/...", "GET mlflow-artifacts/artifacts",
+                     "POST mlflow/model-versions/create", "POST mlflow/registered-models/alias"):  # fmt: skip
+        assert register.pop(endpoint) == 3
+    assert all(n == 1 or "log-parameter" in k for k, n in register.items())  # the batch's run
