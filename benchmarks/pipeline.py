@@ -57,7 +57,7 @@ console = Console()
 @contextlib.contextmanager
 def services(tmp: Path, need_mlflow: bool) -> Iterator[tuple[str, str | None]]:
     """(bootstrap, tracking uri): the configured ones, or fresh embedded ones."""
-    from infra.ports import free_port
+    from infra.ports import free_port, free_ports
     from infra.topics import provision
 
     with contextlib.ExitStack() as stack:
@@ -65,7 +65,7 @@ def services(tmp: Path, need_mlflow: bool) -> Iterator[tuple[str, str | None]]:
         if not bootstrap:
             from infra.kafka import EmbeddedKafka
 
-            kafka = EmbeddedKafka(tmp / "kafka", free_port(), free_port()).start(timeout=240)
+            kafka = EmbeddedKafka(tmp / "kafka", *free_ports(2)).start(timeout=240)
             stack.callback(kafka.stop)
             bootstrap = kafka.bootstrap
         provision(bootstrap, PARTITIONS)

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from infra.errors import SetupError
-from infra.ports import free_port, port_is_free, who_listens
+from infra.ports import free_port, free_ports, port_is_free, who_listens
 from infra.process import pid_alive, spawn, tail, terminate
 from infra.sync import run_sync
 
@@ -295,7 +295,8 @@ class EmbeddedKafka:
     def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
         """Port 0 picks a free one (tests)."""
         port = port or free_port()
-        controller_port = controller_port or free_port()
+        if not controller_port:  # a picked one is never the broker's
+            controller_port = next(p for p in free_ports(2) if p != port)
         if port == controller_port:
             raise SetupError(f"the broker and controller ports are both {port}: pick two")
         self.data_dir = Path(data_dir).resolve()  # the JVM must not depend on our cwd

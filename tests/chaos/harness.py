@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.kafka import EmbeddedKafka
-from infra.ports import free_port
+from infra.ports import free_port, free_ports
 from infra.process import spawn, tail, terminate
 from infra.topics import provision
 
@@ -125,7 +125,7 @@ class Cluster:
         )
         self.root = Path(root)
         self.partitions = partitions
-        self.kafka = EmbeddedKafka(self.root / "kafka-home", free_port(), free_port())
+        self.kafka = EmbeddedKafka(self.root / "kafka-home", *free_ports(2))
         self.mlflow_port = free_port()
         self.mlflow_dir = self.root / "mlflow"
         # The workers share one data dir (the sleep worker reads the stream worker's history).

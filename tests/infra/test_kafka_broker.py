@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from infra.errors import SetupError
 from infra.kafka import EmbeddedKafka, broker_answers
-from infra.ports import free_port
+from infra.ports import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -136,20 +136,20 @@ async def produce_numbers(bootstrap: str, topic: str, start: int, stop: int) -> 
 
 @pytest.mark.slow
 async def test_restart_on_the_same_data_dir_keeps_every_message(tmp_path: Path) -> None:
-    kafka = EmbeddedKafka(tmp_path, free_port(), free_port())
+    kafka = EmbeddedKafka(tmp_path, *free_ports(2))
     kafka.start(timeout=240)
     try:
         topic = await new_topic(kafka.bootstrap, partitions=3)
         await produce_numbers(kafka.bootstrap, topic, 0, 300)
         cluster_id = kafka.cluster_id
         with pytest.raises(SetupError, match="already runs on"):  # one broker per data dir
-            EmbeddedKafka(tmp_path, free_port(), free_port()).start()
+            EmbeddedKafka(tmp_path, *free_ports(2)).start()
     finally:
         kafka.stop()
     assert not broker_answers(kafka.bootstrap)
 
     # Same data dir, new ports: the cluster and its messages are back.
-    again = EmbeddedKafka(tmp_path, free_port(), free_port())
+    again = EmbeddedKafka(tmp_path, *free_ports(2))
     again.start(timeout=240)
     try:
         assert again.cluster_id == cluster_id

@@ -11,7 +11,7 @@ import pytest
 from infra.errors import SetupError
 from infra.kafka import EmbeddedKafka
 from infra.mlflow_server import MlflowServer
-from infra.ports import free_port
+from infra.ports import free_port, free_ports
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -27,7 +27,7 @@ def test_no_java_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     monkeypatch.delenv("JAVA_HOME", raising=False)
     with pytest.raises(SetupError, match="openjdk-17-jre-headless") as e:
-        EmbeddedKafka(tmp_path, free_port(), free_port()).start()
+        EmbeddedKafka(tmp_path, *free_ports(2)).start()
     assert "SOMNA_KAFKA_BOOTSTRAP" in str(e.value)
     assert not (tmp_path / "kafka").exists()
 
@@ -91,7 +91,7 @@ def test_corrupt_or_foreign_data_dir_is_left_alone(
         (tmp_path / name).write_bytes(content)
     before = snapshot(tmp_path)
     with pytest.raises(SetupError, match=says) as e:
-        EmbeddedKafka(tmp_path, free_port(), free_port()).start()
+        EmbeddedKafka(tmp_path, *free_ports(2)).start()
     assert "--data-dir" in str(e.value) and "move it away" in str(e.value)
     assert snapshot(tmp_path) == before
 
