@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,7 @@ def run(quick: bool, json_path: Path | None, only: list[str] | None = None) -> d
         "benchmark": "chaos",
         "quick": quick,
         "size": vars(size),
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={_cpus()}".strip(),
+        "machine": f"{machine.describe()}, cpus usable {_cpus()}",
         "wall_s": round(time.time() - began, 1),
         "rows": rows,
     }

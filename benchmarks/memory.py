@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import machine
+
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "model" / "checkpoints"
 EVAL_SEEDS = (0, 1, 2)
 
@@ -115,7 +117,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "examples_per_seed": 2 * n,  # the training layout plus a far layout (chatter gap)
         "eval_seeds": list(EVAL_SEEDS),
         "names": "held-out pool (disjoint from training names)",
-        "machine": _machine(),
+        "machine": f"{machine.describe()}, torch threads 1",
         "variants": rows,
         "seed_spread": seed_spread(rows),
         "long": {"gap_chunks": LONG_GAP_CHUNKS, "variants": [long_row(v, n) for v in LONG]},
@@ -399,12 +401,3 @@ def plot_results(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _machine() -> str:
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores, {gpu}, torch threads 1"

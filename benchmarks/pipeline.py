@@ -39,6 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import machine
 from infra.settings import Settings
 from infra.topics import INTERACTIONS, REPLIES
 from streams.agent_consumer import agent_group_id
@@ -531,22 +532,13 @@ def run(quick: bool, json_path: Path | None) -> dict:
         tmp = Path(d)
         with services(tmp, need_mlflow=True) as (bootstrap, uri):
             console.print(f"[dim]broker {bootstrap}, mlflow {uri}[/]")
-            result = {"machine": _machine(), "throughput": throughput(bootstrap, tmp, n)}
+            result = {"machine": machine.describe(), "throughput": throughput(bootstrap, tmp, n)}
             _print(result)
             result["latency"] = latency(bootstrap, uri, tmp, users, turns, rounds)
     _print(result)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
     return result
-
-
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
 
 
 def _print(result: dict) -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import machine
+
 console = Console()
 TEXTS = ["kim reports to bob.", "bob reports to tav.", "tav reports to lem.", "sam reports to dex."]
 
@@ -146,7 +148,13 @@ def run(quick: bool = False, json_path: Path | None = None) -> dict:
         finally:
             if server is not None:
                 server.stop()
-    result = {"bench": "registry", "quick": quick, "scopes": n_scopes, "steps": steps}
+    result = {
+        "bench": "registry",
+        "quick": quick,
+        "scopes": n_scopes,
+        "machine": machine.describe(),
+        "steps": steps,
+    }
     table = Table(title=f"Registry requests per fast-weights version ({n_scopes} scopes)")
     for col in ("step", "requests / version", "wall s (the wave)"):
         table.add_column(col)

@@ -39,6 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import machine
 from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES
 from streams.records import FastWeightsPublished, Interaction, Reply, decode, now
 
@@ -486,18 +487,12 @@ def run(quick: bool, json_path: Path | None) -> dict:
         if raw["swaps"] else None,
         "reply_round_trip_under_load": raw["diagnostic"]["reply_round_trip_under_load"],
         "swap_diagnostic": raw["diagnostic"],
-        "machine": f"{os.cpu_count()} CPU cores, no GPU" if not _has_cuda() else "GPU",
+        "machine": machine.describe(),
     }  # fmt: skip
     _print(result)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _print(r: dict) -> None:
