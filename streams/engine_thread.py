@@ -13,7 +13,11 @@ and the last one waited ~3 s (``somna bench swap``'s warm-up, 2-core box). Mergi
 because the agent never queues two calls with a turn of the same scope (a scope's next
 turns wait for its call in progress), so each scope's turns keep their order. Fact calls
 (BACKGROUND) are never merged: they are kept small on purpose, so that a question queued
-behind one waits little.
+behind one waits little. Nor are calls that apply fresh fast weights (``merge=False``):
+each of their scopes re-wakes the hundreds of tokens kept after its new watermark, work
+that grows with the tokens, not the calls, so merging saves little and makes the first
+question wait for the others' re-wakes (hot swap p50 321-344 ms without, 347-534 ms with,
+`somna bench swap`, 2-core Intel box).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class _Call:
     args: tuple
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
-    turns: list[Turn] | None = None  # an answer call: may be merged with others
+    turns: list[Turn] | None = None  # an answer call
+    merge: bool = False  # may take the answer calls queued behind it, and be taken
 
 
 class EngineThread:
@@ -76,11 +81,12 @@ class EngineThread:
         answer: Callable[[list[Turn]], list[Reply]],
         turns: list[Turn],
         priority: Priority = Priority.NORMAL,
+        merge: bool = True,
     ) -> tuple[list[Reply], float]:
         """``answer(turns)`` on the thread, merged with the question calls queued with it
-        (URGENT and NORMAL only); returns the replies to ``turns`` and when the call
-        started. An error of a merged call reaches every caller in it."""
-        call = _Call(answer, (), *self._future(), turns=turns)
+        (URGENT and NORMAL, ``merge`` on both); returns the replies to ``turns`` and when
+        the call started. An error of a merged call reaches every caller in it."""
+        call = _Call(answer, (), *self._future(), turns=turns, merge=merge)
         return await self._submit(call, priority)
 
     def _future(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Future]:
@@ -100,12 +106,12 @@ class EngineThread:
                 self._ready.wait()
             priority, _, first = heapq.heappop(self._heap)
             taken = [first]
-            if first.turns is None or priority > Priority.NORMAL:
+            if not first.merge or priority > Priority.NORMAL:
                 return taken
             n = len(first.turns)
             while self._heap:
                 p, _, nxt = self._heap[0]
-                if p > Priority.NORMAL or nxt.turns is None or nxt.fn != first.fn:
+                if p > Priority.NORMAL or not nxt.merge or nxt.fn != first.fn:
                     break
                 if n + len(nxt.turns) > MAX_MERGED_TURNS:
                     break
