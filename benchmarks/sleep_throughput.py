@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import machine
 from model import HybridConfig, HybridLM
 from model.ops import backend_for, gated_delta_rule
 from model.ops.utils import l2norm
@@ -33,7 +33,7 @@ QUICK = {"scopes": [1, 8, 32], "tokens": 128, "passes": 4, "loop_max": 4, "repea
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"CPU {machine.cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:

@@ -8,10 +8,10 @@ Questions waiting together are answered together. When the thread takes a questi
 (``answer`` at URGENT or NORMAL), it also takes every question call queued right behind
 it and runs them as one ``Engine.answer``: the engine batches across scopes (one wake per
 round, one decode for all replies), so N waiting calls cost about one, not N in a row.
-Right after a burst of publishes or a cold start, 20 calls of 1-7 questions each queued up
-and the last one waited ~3 s (``somna bench swap``'s warm-up, 2-core Intel box). Merging is safe
-because the agent never queues two calls with a turn of the same scope (a scope's next
-turns wait for its call in progress), so each scope's turns keep their order. Fact calls
+Right after a burst of publishes or a cold start, 20 calls of 1-7 questions each queued
+up and the last one waited ~3 s (``somna bench swap``'s warm-up, 2-core Intel box).
+Merging is safe because the agent never queues two calls with a turn of the same scope (a
+scope's next turns wait for its call in progress), so each scope's turns keep their order. Fact calls
 (BACKGROUND) are never merged: they are kept small on purpose, so that a question queued
 behind one waits little. Nor are calls that apply fresh fast weights (``merge=False``):
 each of their scopes re-wakes the hundreds of tokens kept after its new watermark, work
