@@ -4,6 +4,11 @@ Layout under ``<data_dir>/mlflow/``: ``mlflow.db`` (runs, registry), ``artifacts
 through the server, so clients upload and download over HTTP and never need the path),
 ``server.log``. Clients use ``http://127.0.0.1:<port>``; mlflow 3's host and CORS checks
 allow loopback by default, so they stay on.
+
+MLflow 3's job runner (huey consumers for GenAI jobs: trace rollups, scorers) is turned
+off: Somna runs no MLflow jobs, and its seven consumer processes each imported mlflow at
+start, ~25 s of CPU that kept both cores of a 2-core box busy for the server's first
+~15 s (while a bench warmed up, or a test ran), and their memory stayed.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class MlflowServer:
                 f"if it is an MLflow server, use it with SOMNA_MLFLOW_URI={self.uri}"
             )
         (self.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        self._proc = spawn(self.command(), self.log_file, cwd=self.mlflow_dir)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._proc = spawn(self.command(), self.log_file, env=env, cwd=self.mlflow_dir)
         try:
             self._wait_ready(began + timeout)
         except BaseException:
