@@ -65,6 +65,9 @@ class FastWeights:
     metadata: dict[str, str]
     watermark: int
     base_model_version: str
+    # consolidation.prewake.Prewoken: the events after the watermark, woken over these
+    # weights by a sleep worker of this data dir (only on an agent's copy; never cached).
+    prewoken: Any | None = None
 
 
 @dataclass(frozen=True)

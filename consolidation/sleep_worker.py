@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from consolidation import blobs, fast_weights, metrics
+from consolidation import blobs, fast_weights, metrics, prewake
 from consolidation.base_model import BASE_MODEL_NAME, BaseModel, ensure_base_model
 from consolidation.base_model_watch import BaseModelWatch
 from consolidation.batch import pick_device, run_batch
@@ -53,6 +53,8 @@ class _Group:
     plans: list[Plan] = field(default_factory=list)
     tokens: int = 0
     offsets: dict = field(default_factory=dict)  # TopicPartition -> next offset to commit
+    partitions: dict[str, int] = field(default_factory=dict)  # scope -> its partition
+    retracted: dict[str, set[str]] = field(default_factory=dict)  # scope -> event ids
 
 
 class SleepWorker:
@@ -125,12 +127,13 @@ class SleepWorker:
                 return await self._plan(job, rec.partition, retracted.get(job.scope_id))
 
         plans = await asyncio.gather(*(plan(rec, job) for rec, job in jobs))
-        group = _Group()
+        partitions = {job.scope_id: rec.partition for rec, job in jobs}  # co-partitioned
+        group = _Group(partitions=partitions, retracted=retracted)
         for p in plans:
             tokens = p.task.tokens if p is not None and p.task else 0
             if group.plans and group.tokens + tokens > self.max_batch_tokens:
                 await self.flush(group)
-                group = _Group()
+                group = _Group(partitions=partitions, retracted=retracted)
             if p is not None:
                 group.plans.append(p)
                 group.tokens += tokens
@@ -191,15 +194,33 @@ class SleepWorker:
         for p in group.plans:
             metrics.JOBS.labels(outcome=p.outcome).inc()
         t1 = time.perf_counter()
+        prewoken = await self._prewake(published, group)
+        t2 = time.perf_counter()
         if done or published:
             await send_all(self.producer, [*done, *published])
         if group.offsets:
             await self.consumer.commit(dict(group.offsets))
         if group.plans:
             log.info(
-                "batch of %d job(s): %d slept and registered in %.2fs, published+committed in %.2fs",
-                len(group.plans), len(tasks), t1 - t0, time.perf_counter() - t1,
+                "batch of %d job(s): %d slept and registered in %.2fs, %d pre-woken in %.2fs, "
+                "published+committed in %.2fs",
+                len(group.plans), len(tasks), t1 - t0, prewoken, t2 - t1,
+                time.perf_counter() - t2,
             )  # fmt: skip
+
+    async def _prewake(self, published: list[FastWeightsPublished], group: _Group) -> int:
+        """Wake what each new version leaves pending, for the agents (consolidation/prewake.py).
+        Best effort: a failure costs the agents their own re-wake, never the publish."""
+        if not published or not self.settings.sleep_prewake:
+            return 0
+        try:
+            return await prewake.prewake(
+                self.base.lm, self.settings.tracking_uri, self.reader,
+                blobs.root(self.settings.data_dir), published, group.partitions, group.retracted,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 (see above)
+            log.exception("pre-waking %d version(s)", len(published))
+            return 0
 
     async def retract(self, rec) -> None:
         from consolidation.retraction import apply

@@ -76,25 +76,36 @@ class TopicReader:
     async def read(self, scope_id: str, partition: int, lo: int, hi: int) -> list[Turn]:
         """Interactions of ``scope_id`` at ``lo <= offset <= hi`` of the partition."""
         async with self._lock:
-            return await self._read(scope_id, partition, lo, hi)
+            by_scope, _ = await self._read({scope_id}, partition, lo, hi)
+        return by_scope.get(scope_id, [])
 
-    async def _read(self, scope_id: str, partition: int, lo: int, hi: int) -> list[Turn]:
+    async def read_tail(
+        self, scopes: set[str], partition: int, lo: int
+    ) -> tuple[dict[str, list[Turn]], int]:
+        """Interactions of ``scopes`` from offset ``lo`` to the partition's end, in one
+        pass; returns them by scope and the last offset of the partition read."""
+        async with self._lock:
+            return await self._read(scopes, partition, lo, None)
+
+    async def _read(
+        self, scopes: set[str], partition: int, lo: int, hi: int | None
+    ) -> tuple[dict[str, list[Turn]], int]:
         from aiokafka import TopicPartition
 
         from streams.records import Interaction, InvalidEvent, decode
 
-        if hi < lo:
-            return []
+        out: dict[str, list[Turn]] = {}
+        if hi is not None and hi < lo:
+            return out, hi
         if self._consumer is None:
             await self.start()
         consumer = self._consumer
         tp = TopicPartition(INTERACTIONS, partition)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        stop = min(hi + 1, end)
-        out: list[Turn] = []
+        stop = end if hi is None else min(hi + 1, end)
         if lo >= stop:
-            return out
+            return out, stop - 1
         consumer.seek(tp, lo)
         position = lo
         while position < stop:
@@ -107,16 +118,19 @@ class TopicReader:
                             INTERACTIONS, partition, position, stop - 1)  # fmt: skip
                 break
             for rec in records:
-                position = rec.offset + 1
                 if rec.offset >= stop:
                     break
+                position = rec.offset + 1
                 try:
                     event = decode(rec.value, Interaction)
                 except InvalidEvent:
                     continue  # the stream worker dead-letters it; it is not memory
-                if event.scope_id == scope_id:
-                    out.append(Turn(event.event_id, event.role, event.text, rec.offset, partition))
-        return out
+                if event.scope_id in scopes:
+                    turn = Turn(event.event_id, event.role, event.text, rec.offset, partition)
+                    out.setdefault(event.scope_id, []).append(turn)
+            if records[-1].offset >= stop - 1:
+                break
+        return out, position - 1
 
 
 async def scope_turns(

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # it only gets CPU time nothing else wants and sleeping beside an agent does not slow
     # its turns; "normal": as started; "auto": "idle" when sleep runs on the CPU.
     sleep_sched: Literal["auto", "idle", "normal"] = "auto"
+    # The sleep worker wakes what each new version leaves pending for the agents, so that
+    # their swaps wake only what came after (consolidation/prewake.py). Needs the agents
+    # on this data dir; off, every swap re-wakes its scope's events after the watermark.
+    sleep_prewake: bool = True
 
     @field_validator("kafka_bootstrap", "mlflow_uri")
     @classmethod

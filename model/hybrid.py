@@ -14,6 +14,7 @@ Layers after the last GDN layer cannot change S, so sleep passes stop there.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -362,15 +363,34 @@ class HybridLM(nn.Module):
             if [o for o, _ in k] != sorted({o for o, _ in k}):
                 raise DuplicateEventError(f"events repeat an offset: {[o for o, _ in k]}")
             kept.append(k)
-        # One pass over all of a scope's remaining events (same result as one per event).
-        rows = [i for i, k in enumerate(kept) if k]
+        return self.resume_states(fresh, kept)
+
+    @torch.no_grad()
+    def resume_states(
+        self,
+        states: Sequence[MemoryState],
+        events: Sequence[Sequence[tuple[int, Sequence[int]]]],
+    ) -> list[MemoryState]:
+        """Wake events (offset, tokens) after each B = 1 state's own, all scopes in one
+        batched pass, each scope's events as one row (the same result as one per event);
+        returns new states recording them as pending. A swap whose first events a sleep
+        worker woke already (``consolidation/prewake.py``) resumes from that state."""
+        out = list(states)
+        rows = [i for i, e in enumerate(events) if e]
+        for i in rows:
+            pending = states[i].pending_events
+            offsets = [pending[-1].offset if pending else states[i].watermark]
+            offsets += [int(o) for o, _ in events[i]]
+            if any(b <= a for a, b in itertools.pairwise(offsets)):
+                raise DuplicateEventError(f"events to resume are not after the state's: {offsets}")
         if rows:
-            flat = [[t for _, ids in kept[i] for t in ids] for i in rows]
-            _, woken = self.wake_batch(flat, [fresh[i] for i in rows])
+            flat = [[int(t) for _, ids in events[i] for t in ids] for i in rows]
+            _, woken = self.wake_batch(flat, [out[i] for i in rows])
             for i, state in zip(rows, woken, strict=True):
-                state.pending = [[PendingEvent(o, ids) for o, ids in kept[i]]]
-                fresh[i] = state
-        return fresh
+                added = [PendingEvent(int(o), tuple(int(t) for t in ids)) for o, ids in events[i]]
+                state.pending = [list(states[i].pending_events) + added]
+                out[i] = state
+        return out
 
     def swap_in(
         self,

@@ -9,9 +9,11 @@ not consolidated (invariant 1). One pass over the partition serves every scope o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from infra.settings import Settings
@@ -115,7 +117,7 @@ class ScopeLoader:
         )
         try:
             return await asyncio.to_thread(
-                load, self.settings.tracking_uri, published, published.scope_id
+                self._load_prewoken, load, published, blobs.root(self.settings.data_dir)
             )
         except ArtifactRejected as e:
             log.error("refused fast weights %s v%s: %s", published.scope_id, published.version, e)
@@ -125,6 +127,17 @@ class ScopeLoader:
                 "could not fetch fast weights %s v%s: %s", published.scope_id, published.version, e
             )
             return None
+
+    def _load_prewoken(
+        self, load: Callable[..., Any], published: FastWeightsPublished, blob_root: Path
+    ) -> Any:
+        """The verified weights, with the sleep worker's pre-woken state when it left one
+        (``consolidation/prewake.py``; the engine checks it before use)."""
+        from consolidation import prewake
+
+        weights = load(self.settings.tracking_uri, published, published.scope_id)
+        prewoken = prewake.read(blob_root, published.sha256)
+        return weights if prewoken is None else dataclasses.replace(weights, prewoken=prewoken)
 
     async def is_live(self, published: FastWeightsPublished) -> bool:
         """Whether the registry's ``live`` alias of the scope is ``published`` now."""

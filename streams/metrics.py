@@ -39,6 +39,12 @@ READ_BACK = Counter(
 )
 SLEEP_JOBS = Counter("somna_sleep_jobs_emitted_total", "Sleep jobs emitted.", ["reason"])
 SWAPS = Counter("somna_fast_weight_swaps_total", "Fast-weight artifacts swapped in.", ["outcome"])
+SWAP_REWAKES = Counter(
+    "somna_swap_rewoken_tokens_total",
+    "Tokens the agent woke again to apply fast-weight swaps, by whether it resumed from a "
+    "sleep worker's pre-woken state.",
+    ["prewoken"],
+)
 HISTORY_ROWS = Counter("somna_history_rows_written_total", "Rows written to Parquet history.")
 LIVE_SCOPES = Gauge("somna_live_scopes", "Scopes whose memory state is loaded in the agent.")
 
