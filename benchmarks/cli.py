@@ -23,6 +23,7 @@ class Bench(StrEnum):
     answer = "answer"
     contention = "contention"
     registry = "registry"
+    prewake = "prewake"
 
 
 MODULES = {
@@ -34,6 +35,7 @@ MODULES = {
     Bench.answer: "benchmarks.answer_batch",
     Bench.contention: "benchmarks.contention",
     Bench.registry: "benchmarks.registry",
+    Bench.prewake: "benchmarks.prewake",
 }
 
 
