@@ -126,7 +126,10 @@ class SleepWorker:
             async with limit:
                 return await self._plan(job, rec.partition, retracted.get(job.scope_id))
 
+        t0 = time.perf_counter()
         plans = await asyncio.gather(*(plan(rec, job) for rec, job in jobs))
+        if jobs:
+            log.info("planned %d job(s) in %.2fs", len(jobs), time.perf_counter() - t0)
         partitions = {job.scope_id: rec.partition for rec, job in jobs}  # co-partitioned
         group = _Group(partitions=partitions, retracted=retracted)
         for p in plans:
