@@ -400,6 +400,27 @@ def agent_slow_batches(stream_log: Path) -> list[str]:
     return out
 
 
+_METRICS_PORT = re.compile(r"stream worker .*: metrics on :(\d+)")
+_REWOKEN = re.compile(r'^somna_swap_rewoken_tokens_total\{prewoken="(\w+)"\} (\S+)$', re.M)
+
+
+def agent_rewoken_tokens(stream_log: Path) -> dict[str, float]:
+    """Tokens the agent woke again to apply swaps, by whether it resumed from the sleep
+    worker's pre-woken state (consolidation/prewake.py): its Prometheus counter, read
+    before it stops. {} if the endpoint does not answer."""
+    import urllib.request
+
+    m = _METRICS_PORT.search(stream_log.read_text(errors="replace"))
+    if m is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{m[1]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {label: float(value) for label, value in _REWOKEN.findall(text)}
+
+
 def slow_under_load(load_rtt_at: list[tuple[float, float, float]]) -> list[dict]:
     """Under-load round trips slower than ``SLOW_PROBE_S``, with their wall-clock time (to
     line up with the workers' logs)."""
@@ -457,6 +478,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
                 )  # fmt: skip
                 raw["diagnostic"]["slow_under_load"] = slow_under_load(raw["load_rtt_at"])
                 raw["diagnostic"]["agent_slow_batches"] = agent_slow_batches(log_file)
+                raw["diagnostic"]["agent_rewoken_tokens"] = agent_rewoken_tokens(log_file)
                 raw["diagnostic"]["warmup_seconds"] = raw["warmup_seconds"]
                 raw["diagnostic"]["warmup_unanswered"] = raw["warmup_unanswered"]
             finally:
@@ -547,3 +569,8 @@ def _print(r: dict) -> None:
         )
         for line in d["agent_slow_batches"][:5]:
             console.print(f"  agent: {line}")
+        rewoken = d.get("agent_rewoken_tokens") or {}
+        console.print(
+            f"tokens the agent woke again to apply swaps: {rewoken.get('no', 0):.0f} in full "
+            f"re-wakes, {rewoken.get('yes', 0):.0f} after a pre-woken state (SOMNA_SLEEP_PREWAKE)"
+        )
