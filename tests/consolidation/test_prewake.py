@@ -3,15 +3,11 @@ pending; the agent resumes from it only when it holds exactly those events."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-
 import pytest
 import torch
 
 from consolidation import blobs, fast_weights_load, prewake
 from consolidation.fast_weights import FastWeights
-from consolidation.sleep_worker import run_async
 from infra.settings import Settings
 from model import HybridConfig, HybridLM
 from model.tokenizer import render_turn
@@ -20,8 +16,8 @@ from streams.engine import Turn
 from streams.memory import ModelEngine
 from streams.records import FastWeightsPublished, Interaction
 from tests.consolidation.conftest import scope_id
-from tests.consolidation.kafka_helpers import PublishWatcher, send_job, send_turns
-from tests.consolidation.test_sleep_worker import TURNS, _job
+from tests.consolidation.kafka_helpers import send_job, send_turns
+from tests.consolidation.test_sleep_worker import TURNS, _job, _run_worker_until
 
 CFG = HybridConfig(
     d_model=32, n_layers=2, pattern="GA", n_heads=2, head_dim=16, window=32, chunk=32
@@ -150,20 +146,12 @@ async def test_the_sleep_worker_prewakes_what_its_version_leaves_pending(
     scope = scope_id("prewake")
     sent = await send_turns(settings.bootstrap, scope, TURNS)
     job = _job(scope, sent[:2])  # two turns slept, two left pending after the watermark
-    watcher = await PublishWatcher(settings.bootstrap).start()
-    stop = asyncio.Event()
-    worker = asyncio.create_task(
-        run_async(
-            settings, stop=stop, group_id=f"g-{uuid.uuid4().hex}", accept=lambda s: s == scope
-        )
-    )
-    try:
+
+    async def publish(watcher):
         await send_job(settings.bootstrap, job)
-        pub = await watcher.wait(scope)
-    finally:
-        stop.set()
-        await worker
-        await watcher.stop()
+        return await watcher.wait(scope)
+
+    pub = await _run_worker_until(settings, {scope}, publish)
     pre = prewake.read(blobs.root(settings.data_dir), pub.sha256)
     assert pre is not None and pre.woken_to >= sent[-1][1]
     events = [
