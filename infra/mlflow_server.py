@@ -30,6 +30,9 @@ from infra.process import spawn, tail, terminate
 
 log = logging.getLogger(__name__)
 
+# The environment every `mlflow server` of Somna runs with (see the module doc): no job runner.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def mlflow_answers(uri: str, timeout: float = 2.0) -> bool:
     """True when the tracking server at ``uri`` answers GET /health with 200."""
@@ -94,7 +97,7 @@ class MlflowServer:
                 f"if it is an MLflow server, use it with SOMNA_MLFLOW_URI={self.uri}"
             )
         (self.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, **SERVER_ENV}
         self._proc = spawn(self.command(), self.log_file, env=env, cwd=self.mlflow_dir)
         try:
             self._wait_ready(began + timeout)

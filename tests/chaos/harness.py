@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.kafka import EmbeddedKafka
+from infra.mlflow_server import SERVER_ENV
 from infra.ports import free_port, free_ports
 from infra.process import spawn, tail, terminate
 from infra.topics import provision
@@ -156,8 +157,9 @@ class Cluster:
         }
         logs = self.root / "logs"
         self.mlflow = Part(
-            "mlflow", self._mlflow_cmd(), dict(os.environ), logs / "mlflow.log", cwd=self.root
-        )
+            "mlflow", self._mlflow_cmd(), {**os.environ, **SERVER_ENV}, logs / "mlflow.log",
+            cwd=self.root,
+        )  # fmt: skip
         self.stream = Part(
             "stream",
             [sys.executable, "-m", "infra", "worker", "stream"],

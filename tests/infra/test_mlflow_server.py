@@ -51,12 +51,15 @@ def test_the_server_starts_no_job_runner(mlflow_uri: str) -> None:
     its seven processes each imported mlflow at start (~25 s of CPU on a 2-core box)."""
     if os.environ.get("SOMNA_MLFLOW_URI"):
         pytest.skip("an existing server: its job runner is not ours to decide")
-    runners = []
+    port = mlflow_uri.rsplit(":", 1)[1]
+    commands = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            commands[int(pid)] = (os.getpgid(int(pid)), raw)
         except OSError:
             continue  # gone meanwhile
-        if "huey_consumer" in cmdline or "mlflow.server.jobs" in cmdline:
-            runners.append(cmdline)
-    assert runners == []
+    (group,) = {g for g, cmd in commands.values() if f"--port {port} " in f"{cmd} "}
+    ours = [cmd for g, cmd in commands.values() if g == group]
+    assert any("mlflow server" in cmd for cmd in ours)
+    assert [cmd for cmd in ours if "huey" in cmd or "mlflow.server.jobs" in cmd] == []
