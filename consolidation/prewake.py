@@ -19,6 +19,7 @@ data dir; its S' must equal the verified artifact's (``streams/memory.py`` check
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -154,8 +155,6 @@ async def prewake(
 ) -> int:
     """Pre-wake the versions of ``published`` that have a local copy; returns how many
     were written. Best effort: a failure costs the agent its own re-wake, nothing else."""
-    import asyncio
-
     from consolidation.fast_weights_load import load_fast_weights
 
     todo: dict[int, list[FastWeightsPublished]] = defaultdict(list)
@@ -176,7 +175,9 @@ async def prewake(
             if not events or sum(len(ids) for _, ids in events) > MAX_TOKENS:
                 continue
             # Verified, and cached since run_batch registered it: no request, no read.
-            weights = load_fast_weights(tracking_uri, p, p.scope_id, blob_root=blob_root)
+            weights = await asyncio.to_thread(
+                load_fast_weights, tracking_uri, p, p.scope_id, blob_root=blob_root
+            )
             versions.append((p, weights.tensors, events))
             woken_to[p.sha256] = last
     if not versions:
