@@ -27,6 +27,8 @@ import asyncio
 import enum
 import heapq
 import itertools
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from streams.engine import Turn
 from streams.records import Reply
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The most turns one merged answer call takes (one fetched batch: MAX_RECORDS): a larger
 # call would hold the thread longer than the questions behind it gain.
@@ -64,7 +67,8 @@ class _Call:
 class EngineThread:
     """Runs engine calls one at a time on a thread of their own (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int = 0) -> None:
+        self._nice = nice  # the thread's CPU priority (settings.agent_engine_nice)
         self._heap: list[tuple[int, int, _Call]] = []
         self._ready = threading.Condition()
         self._arrival = itertools.count()
@@ -122,6 +126,7 @@ class EngineThread:
             return taken
 
     def _work(self) -> None:
+        _set_nice(self._nice)
         while True:
             calls = self._take()
             try:
@@ -132,6 +137,17 @@ class EngineThread:
             else:
                 for c, result in zip(calls, results, strict=True):
                     c.loop.call_soon_threadsafe(_settle, c.done, result, None)
+
+
+def _set_nice(nice: int) -> None:
+    """The calling thread's nice value (Linux: per thread). Best effort: lowering it needs
+    CAP_SYS_NICE, and an agent without it still answers, at the priority it was given."""
+    if not nice:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as e:
+        log.warning("engine thread keeps its CPU priority (nice %d refused: %s)", nice, e)
 
 
 def _run(calls: list[_Call]) -> list[Any]:

@@ -129,3 +129,20 @@ async def test_a_call_that_applies_fresh_fast_weights_is_not_merged() -> None:
     ]
     await _queued_behind_held(thread, answers, calls)
     assert answers.calls == [["h", "h"], ["a", "a"], ["b", "b", "c", "c"]]
+
+
+async def test_the_thread_runs_at_its_own_cpu_priority_and_goes_on_without_the_right() -> None:
+    import os
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice_here()
+    if before == 19:
+        pytest.skip("this process is at the lowest priority already")
+    lower = EngineThread(nice=before + 1)  # raising a nice value needs no privilege
+    assert await lower.call(nice_here) == before + 1
+    assert nice_here() == before  # the caller's thread is left alone
+    if os.geteuid() != 0:  # lowering it is refused without CAP_SYS_NICE: the thread goes on
+        refused = EngineThread(nice=-20)
+        assert await refused.call(nice_here) == before
