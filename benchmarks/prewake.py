@@ -16,6 +16,7 @@ Both must give the same replies (checked). Median of a few repeats, wall time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -26,32 +27,19 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import machine
+from benchmarks.answer_batch import NAMES, _fact, _turn  # the same scopes and turns
 from consolidation import prewake
 from consolidation.fast_weights import FastWeights
 from model import HybridLM
 from model.tokenizer import render_turn
-from streams.engine import Turn
 from streams.memory import ModelEngine
-from streams.records import FastWeightsPublished, Interaction
+from streams.records import FastWeightsPublished
 
 console = Console()
 CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "checkpoints" / "facts-n4"
-NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
 FULL = {"scopes": [1, 10, 30], "events": 14, "repeats": 5}
 QUICK = {"scopes": [1, 10], "events": 4, "repeats": 3}
 CHUNK_EVENTS = 3  # events folded into the version (before its watermark)
-
-
-def _turn(scope: str, offset: int, role: str, text: str) -> Turn:
-    event = Interaction(event_id=f"{scope}-{offset}", scope_id=scope, session_id="bench",
-                        role=role, text=text, ts=time.time())  # fmt: skip
-    return Turn(event, 0, offset, None)
-
-
-def _facts(scope: int, n: int) -> list[str]:
-    return [
-        f"{NAMES[(scope + k) % 7]} reports to {NAMES[(scope + 2 * k + 1) % 7]}." for k in range(n)
-    ]
 
 
 def _setup(lm: HybridLM, n_scopes: int, n_events: int) -> tuple[ModelEngine, list, list]:
@@ -59,7 +47,7 @@ def _setup(lm: HybridLM, n_scopes: int, n_events: int) -> tuple[ModelEngine, lis
     offset CHUNK_EVENTS - 1, and each scope's events after it (offset, tokens)."""
     engine = ModelEngine(lm, base_model_version="bench")
     scopes = [f"s{i:03d}" for i in range(n_scopes)]
-    texts = {s: _facts(i, CHUNK_EVENTS + n_events) for i, s in enumerate(scopes)}
+    texts = {s: [_fact(i, k) for k in range(CHUNK_EVENTS + n_events)] for i, s in enumerate(scopes)}
     engine.answer([_turn(s, k, "system", t) for s in scopes for k, t in enumerate(texts[s])])
     watermark = CHUNK_EVENTS - 1
     versions, after = [], []
@@ -108,7 +96,7 @@ def _measure(lm: HybridLM, n_scopes: int, n_events: int, repeats: int) -> dict:
         wake_s.append(time.perf_counter() - t0)
         for (pub, fw), state, tail in zip(versions, states, tails, strict=True):
             pre = prewake.Prewoken(state, woken_to=tail[-1][0])
-            engine.swap(pub, FastWeights(**{**fw.__dict__, "prewoken": pre}))
+            engine.swap(pub, dataclasses.replace(fw, prewoken=pre))
         seconds, pre_replies = _ask(engine, [p.scope_id for p, _ in versions], 10_000)
         pre_s.append(seconds)
         same = same and pre_replies == full_replies

@@ -312,8 +312,8 @@ class ModelEngine:
         full, resumed = [], []  # indices into todo
         starts, tails = [], []  # of the resumed: pre-woken state, events after it
         for i, (mem, (published, weights)) in enumerate(todo):
-            kept = [(e.offset, e.tokens) for e in mem.state.pending_events]
-            kept = [k for k in kept if k[0] > published.watermark]
+            pending = mem.state.pending_events
+            kept = [(e.offset, e.tokens) for e in pending if e.offset > published.watermark]
             pre = self._prewoken(published, weights, kept)
             if pre is None:
                 full.append(i)
