@@ -143,7 +143,7 @@ class HybridLM(nn.Module):
         out, *_ = self._stack(tokens, state.S, state.conv, state.kv, 0)
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def wake(
         self, tokens: TokensLike, state: MemoryState | None = None, *, offset: int | None = None
     ) -> tuple[Tensor, MemoryState]:
@@ -176,7 +176,7 @@ class HybridLM(nn.Module):
         )
         return logits, new
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def wake_batch(
         self,
         tokens: Sequence[TokensLike],
@@ -284,7 +284,7 @@ class HybridLM(nn.Module):
             pending=[pending],
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sleep(
         self,
         tokens: TokensLike,
@@ -342,7 +342,7 @@ class HybridLM(nn.Module):
         after it (offset, tokens), replayed by wake: the deterministic live state."""
         return self.rebuild_states([(fast_weights, watermark, events)])[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def rebuild_states(
         self,
         scopes: Sequence[
@@ -365,7 +365,7 @@ class HybridLM(nn.Module):
             kept.append(k)
         return self.resume_states(fresh, kept)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def resume_states(
         self,
         states: Sequence[MemoryState],
@@ -433,7 +433,7 @@ class HybridLM(nn.Module):
         slept = self.sleep([chunk], state, passes=passes)
         return self.swap_in(state, slept, upto)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompt_ids: TokensLike,
@@ -448,7 +448,7 @@ class HybridLM(nn.Module):
             raise InputError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
         return self.generate_batch([tokens[0]], [state], max_new_tokens, stop_ids)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_batch(
         self,
         prompts: Sequence[TokensLike],
