@@ -102,6 +102,18 @@ def test_forward_train_is_differentiable_through_sleep(tiny_lm: HybridLM):
     assert gdn.A_log.grad is not None and torch.isfinite(gdn.A_log.grad).all()
 
 
+def test_a_model_that_answered_still_trains(tiny_lm: HybridLM):
+    # Inference runs in torch's inference mode; nothing it leaves behind (cached RoPE
+    # frequencies, say) may break a training step after it.
+    _, state = tiny_lm.wake(render_turn("user", "alice reports to bob."), offset=3)
+    tiny_lm.generate(render_turn("user", "who?"), state, max_new_tokens=3)
+    tiny_lm.train()
+    x = tokens(1, 48)
+    logits = tiny_lm.forward_train(x, chunk=24, passes=2)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert all(p.grad is not None for p in tiny_lm.blocks[1].mixer.qkv.parameters())
+
+
 def test_generate_is_greedy_and_leaves_state_alone(tiny_lm: HybridLM):
     _, state = tiny_lm.wake(render_turn("user", "alice reports to bob."), offset=3)
     before = state.clone()
