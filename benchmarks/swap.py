@@ -42,6 +42,7 @@ from rich.table import Table
 from benchmarks import machine
 from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES
 from streams.records import FastWeightsPublished, Interaction, Reply, decode, now
+from streams.swaps import DEFER_UNWANTED_SECONDS
 
 console = Console()
 PROBE_EVERY = 0.005  # how often the prober checks for a publish / an answered probe
@@ -536,7 +537,11 @@ def _print(r: dict) -> None:
         r["probed_publish_to_agent_swapped"],
         "probed scopes, from the agent's log",
     )
-    row("publish -> agent swapped, all scopes", r["publish_to_agent_swapped"], "agent's log")
+    row(
+        "publish -> agent swapped, all scopes",
+        r["publish_to_agent_swapped"],
+        f"agent's log; unasked scopes read {DEFER_UNWANTED_SECONDS:g} s later",
+    )
     notes = {"taken": "publish -> the agent takes it", "fetch": "verify + load artifact",
              "stage": "after the scope's previous swap; stage (applied at its next turn)"}  # fmt: skip
     for k, summary in r.get("agent_swap_parts", {}).items():

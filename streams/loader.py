@@ -9,6 +9,7 @@ not consolidated (invariant 1). One pass over the partition serves every scope o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +46,9 @@ class ScopeLoader:
         self,
         published: list[FastWeightsPublished],
         wanted: Callable[[str], bool] = lambda scope: False,
+        *,
+        defer: float = 0.0,
+        nudged: asyncio.Condition | None = None,
     ) -> AsyncIterator[tuple[int, Any | None]]:
         """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
         scope at once): one registry lookup for all of them instead of one each. Yields
@@ -55,7 +59,9 @@ class ScopeLoader:
         for the swap) first: a burst of 100 takes ~40 ms, and such a question came ~10 ms
         after the publish. (One at a time, each copy's Python work holding the GIL less
         often, the burst took 122 ms at p50 in `somna bench swap` and the questions
-        answered meanwhile were slower; 8 threads it is.)"""
+        answered meanwhile were slower; 8 threads it is.) The others wait ``defer``
+        seconds first, unless they are wanted meanwhile (``nudged`` is notified when a
+        scope becomes wanted): see streams/swaps.py."""
         from consolidation import blobs
         from consolidation.fast_weights_load import registered_versions
 
@@ -85,11 +91,30 @@ class ScopeLoader:
             ready.put_nowait((i, weights))
 
         todo = list(range(len(published)))
+        loop = asyncio.get_running_loop()
+        unwanted_from = loop.time() + defer
+
+        async def take() -> int | None:
+            """The next index to fetch (wanted first; the others once deferred), or None
+            when the other workers took the rest."""
+            while todo:
+                i = next((i for i in todo if wanted(published[i].scope_id)), None)
+                left = unwanted_from - loop.time()
+                if i is None and left > 0:
+                    if nudged is None:
+                        await asyncio.sleep(left)
+                        continue
+                    async with nudged:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(nudged.wait(), left)
+                    continue
+                i = todo[0] if i is None else i
+                todo.remove(i)
+                return i
+            return None
 
         async def worker() -> None:
-            while todo:
-                i = next((i for i in todo if wanted(published[i].scope_id)), todo[0])
-                todo.remove(i)
+            while (i := await take()) is not None:
                 await fetch(i)
 
         tasks = [asyncio.create_task(worker()) for _ in range(min(FETCH_CONCURRENCY, len(todo)))]

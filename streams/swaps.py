@@ -3,9 +3,9 @@
 A sleep batch publishes one version per scope at once. Taken one at a time, the last scope
 of a burst of 100 waited for 99 registry round trips, downloads and engine calls. So a
 burst is verified with one registry lookup (its bytes read from the sleep worker's local
-copy, ``consolidation/blobs.py``; those of scopes with a question waiting first), each
-swap is staged as soon as its weights are ready, and the next burst does not wait for this
-one. A scope's publishes still swap in order: a rollback must land after the version it
+copy, ``consolidation/blobs.py``; those of scopes with a question waiting first, the
+others ``DEFER_UNWANTED_SECONDS`` later), each swap is staged as soon as its weights are
+ready, and the next burst does not wait for this one. A scope's publishes still swap in order: a rollback must land after the version it
 undoes.
 
 Staging (``Engine.swap``) runs here on the event loop, not on the engine thread: queued
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 1024  # swaps not yet done: back pressure on the topic
+# A burst's swaps that no question waits for are fetched this much later, unless a question
+# comes meanwhile: the questions that come right after a burst (~10-50 ms) find the engine
+# thread and the GIL without the other swaps' reads competing. Only staging waits: a scope
+# that states facts does not need its swap (streams/memory.py).
+DEFER_UNWANTED_SECONDS = 0.25
 
 
 class Swapper:
@@ -52,6 +57,7 @@ class Swapper:
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._room = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._waited: Counter[str] = Counter()  # scope -> questions waiting for its swap
+        self._wanted = asyncio.Condition()  # notified when a scope gets a question waiting
 
     async def submit(self, burst: list[tuple[FastWeightsPublished, float | None]]) -> None:
         """Start the swaps of ``burst`` ((published, record timestamp) pairs); returns once
@@ -77,9 +83,12 @@ class Swapper:
         waiting = [s for s in scopes if s in self._chains]
         if not waiting:
             return
+        swaps = [self._chains[s] for s in waiting]  # before any await: a chain may end then
         self._waited.update(waiting)  # their artifacts are read first (ScopeLoader.fetch_many)
         try:
-            await asyncio.wait([self._chains[s] for s in waiting], timeout=timeout)
+            async with self._wanted:
+                self._wanted.notify_all()
+            await asyncio.wait(swaps, timeout=timeout)
         finally:
             self._waited -= Counter(waiting)  # keeps only the scopes still waited for
 
@@ -102,7 +111,10 @@ class Swapper:
     ) -> None:
         try:
             async for i, weights in self.loader.fetch_many(
-                published, wanted=self._waited.__contains__
+                published,
+                wanted=self._waited.__contains__,
+                defer=DEFER_UNWANTED_SECONDS,
+                nudged=self._wanted,
             ):
                 ready[i].set_result(weights)
         except Exception:  # noqa: BLE001 (fetch_many logs and refuses; this is a bug)

@@ -65,3 +65,38 @@ def test_a_fetch_that_fails_unexpectedly_refuses_only_its_own_scope(
     got = dict(asyncio.run(_fetch_all(loader, burst, wanted=lambda s: False)))
     assert got[1] is None  # refused: the previous version keeps serving
     assert got[0].scope_id == "user:0" and got[2].scope_id == "user:2"
+
+
+def test_the_others_wait_unless_a_question_comes_for_them(tmp_path: Path) -> None:
+    loader = ScopeLoader(Settings(data_dir=tmp_path, mlflow_uri="http://127.0.0.1:9"))
+    burst = _burst(tmp_path, 4)
+    defer = 2.0
+
+    async def scenario() -> list[tuple[int, float]]:
+        wanted: set[str] = set()
+        nudged = asyncio.Condition()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: failures.append(context))
+        start, got = loop.time(), []
+
+        async def question_for_scope_2() -> None:
+            await asyncio.sleep(0.05)
+            wanted.add("user:2")
+            async with nudged:
+                nudged.notify_all()
+
+        asker = asyncio.create_task(question_for_scope_2())
+        async for i, weights in loader.fetch_many(
+            burst, wanted=wanted.__contains__, defer=defer, nudged=nudged
+        ):
+            assert weights.scope_id == f"user:{i}"
+            got.append((i, loop.time() - start))
+        await asker
+        return got
+
+    failures: list[dict] = []  # a worker's error would only be logged, at its end
+    got = asyncio.run(scenario())
+    assert not failures
+    assert got[0][0] == 2 and got[0][1] < defer / 2, "read as soon as a question waits"
+    assert sorted(i for i, _ in got[1:]) == [0, 1, 3]
+    assert all(t >= defer for _, t in got[1:]), "the others only after the deferral"
