@@ -48,7 +48,7 @@ class ScopeLoader:
         wanted: Callable[[str], bool] = lambda scope: False,
         *,
         defer: float = 0.0,
-        nudged: asyncio.Condition | None = None,
+        nudged: asyncio.Event | None = None,
     ) -> AsyncIterator[tuple[int, Any | None]]:
         """:meth:`fetch_weights` of a burst of publishes (a sleep batch publishes one per
         scope at once): one registry lookup for all of them instead of one each. Yields
@@ -60,8 +60,8 @@ class ScopeLoader:
         after the publish. (One at a time, each copy's Python work holding the GIL less
         often, the burst took 122 ms at p50 in `somna bench swap` and the questions
         answered meanwhile were slower; 8 threads it is.) The others wait ``defer``
-        seconds first, unless they are wanted meanwhile (``nudged`` is notified when a
-        scope becomes wanted): see streams/swaps.py."""
+        seconds first, unless they are wanted meanwhile (``nudged`` is set when a scope
+        becomes wanted; the readers clear it): see streams/swaps.py."""
         from consolidation import blobs
         from consolidation.fast_weights_load import registered_versions
 
@@ -98,15 +98,14 @@ class ScopeLoader:
             """The next index to fetch (wanted first; the others once deferred), or None
             when the other workers took the rest."""
             while todo:
+                if nudged is not None:
+                    nudged.clear()  # before looking: a scope wanted after this sets it again
                 i = next((i for i in todo if wanted(published[i].scope_id)), None)
                 left = unwanted_from - loop.time()
                 if i is None and left > 0:
-                    if nudged is None:
-                        await asyncio.sleep(left)
-                        continue
-                    async with nudged:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(nudged.wait(), left)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await (asyncio.sleep(left) if nudged is None else nudged.wait())
                     continue
                 i = todo[0] if i is None else i
                 todo.remove(i)

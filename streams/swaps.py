@@ -57,7 +57,7 @@ class Swapper:
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._room = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._waited: Counter[str] = Counter()  # scope -> questions waiting for its swap
-        self._wanted = asyncio.Condition()  # notified when a scope gets a question waiting
+        self._wanted = asyncio.Event()  # set when a scope gets a question waiting
 
     async def submit(self, burst: list[tuple[FastWeightsPublished, float | None]]) -> None:
         """Start the swaps of ``burst`` ((published, record timestamp) pairs); returns once
@@ -83,12 +83,10 @@ class Swapper:
         waiting = [s for s in scopes if s in self._chains]
         if not waiting:
             return
-        swaps = [self._chains[s] for s in waiting]  # before any await: a chain may end then
         self._waited.update(waiting)  # their artifacts are read first (ScopeLoader.fetch_many)
+        self._wanted.set()  # readers waiting out the deferral look again
         try:
-            async with self._wanted:
-                self._wanted.notify_all()
-            await asyncio.wait(swaps, timeout=timeout)
+            await asyncio.wait([self._chains[s] for s in waiting], timeout=timeout)
         finally:
             self._waited -= Counter(waiting)  # keeps only the scopes still waited for
 

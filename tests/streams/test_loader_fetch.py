@@ -74,7 +74,7 @@ def test_the_others_wait_unless_a_question_comes_for_them(tmp_path: Path) -> Non
 
     async def scenario() -> list[tuple[int, float]]:
         wanted: set[str] = set()
-        nudged = asyncio.Condition()
+        nudged = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, context: failures.append(context))
         start, got = loop.time(), []
@@ -82,8 +82,7 @@ def test_the_others_wait_unless_a_question_comes_for_them(tmp_path: Path) -> Non
         async def question_for_scope_2() -> None:
             await asyncio.sleep(0.05)
             wanted.add("user:2")
-            async with nudged:
-                nudged.notify_all()
+            nudged.set()
 
         asker = asyncio.create_task(question_for_scope_2())
         async for i, weights in loader.fetch_many(
