@@ -93,19 +93,19 @@ class ScopeLoader:
         todo = list(range(len(published)))
         loop = asyncio.get_running_loop()
         unwanted_from = loop.time() + defer
+        nudged = nudged or asyncio.Event()  # without one, the deferral runs out unnudged
 
         async def take() -> int | None:
             """The next index to fetch (wanted first; the others once deferred), or None
             when the other workers took the rest."""
             while todo:
-                if nudged is not None:
-                    nudged.clear()  # before looking: a scope wanted after this sets it again
+                nudged.clear()  # before looking: a scope wanted after this sets it again
                 i = next((i for i in todo if wanted(published[i].scope_id)), None)
                 left = unwanted_from - loop.time()
                 if i is None and left > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(left):
-                            await (asyncio.sleep(left) if nudged is None else nudged.wait())
+                            await nudged.wait()
                     continue
                 i = todo[0] if i is None else i
                 todo.remove(i)

@@ -5,8 +5,8 @@ of a burst of 100 waited for 99 registry round trips, downloads and engine calls
 burst is verified with one registry lookup (its bytes read from the sleep worker's local
 copy, ``consolidation/blobs.py``; those of scopes with a question waiting first, the
 others ``DEFER_UNWANTED_SECONDS`` later), each swap is staged as soon as its weights are
-ready, and the next burst does not wait for this one. A scope's publishes still swap in order: a rollback must land after the version it
-undoes.
+ready, and the next burst does not wait for this one. A scope's publishes still swap in
+order: a rollback must land after the version it undoes.
 
 Staging (``Engine.swap``) runs here on the event loop, not on the engine thread: queued
 there, a swap waited for the answer call in progress (~200 ms for 128 turns at 100 scopes,
