@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from model.blocks import Block, KVBuffer, RMSNorm
 from model.config import HybridConfig
+from model.decode import OneTokenStep
 from model.exceptions import (
     DuplicateEventError,
     EmptyChunkError,
@@ -481,10 +482,11 @@ class HybridLM(nn.Module):
         by_len: dict[int, list[int]] = {}
         for i, t in enumerate(toks):
             by_len.setdefault(t.shape[1], []).append(i)
+        one = OneTokenStep(self)
         parts, last = [], []
         for rows in by_len.values():
             part = DecodeRows.of([given[i] for i in rows], rows, self.device)
-            last.append(self._decode_step(part, torch.cat([toks[i] for i in rows]))[:, -1])
+            last.append(self._decode_step(part, torch.cat([toks[i] for i in rows]), one)[:, -1])
             parts.append(part)
         batch, logits = DecodeRows.cat(parts), torch.cat(last)
         stops = set(int(s) for s in stop_ids)
@@ -498,14 +500,19 @@ class HybridLM(nn.Module):
             if len(keep) < len(nxt):
                 batch = batch.select(keep)
             ids = torch.tensor([nxt[i] for i in keep], device=self.device)[:, None]
-            logits = self._decode_step(batch, ids)[:, -1]
+            logits = self._decode_step(batch, ids, one)[:, -1]
         return out
 
-    def _decode_step(self, rows: DecodeRows, tokens: Tensor) -> Tensor:
-        """Wake ``tokens (B, T)`` into the rows (in place) -> logits ``(B, T, V)``."""
-        logits, rows.S, rows.conv, _ = self._stack(tokens, rows.S, rows.conv, rows.kv, rows.pos)
+    def _decode_step(self, rows: DecodeRows, tokens: Tensor, one: OneTokenStep) -> Tensor:
+        """Wake ``tokens (B, T)`` into the rows (in place) -> logits ``(B, T, V)``; one
+        token per row takes ``one``, the leaner path of a decode step (model/decode.py)."""
+        if tokens.shape[1] == 1:
+            logits = one.step(rows, tokens[:, 0])[:, None]
+        else:
+            out, rows.S, rows.conv, _ = self._stack(tokens, rows.S, rows.conv, rows.kv, rows.pos)
+            assert out is not None
+            logits = out
         rows.pos = rows.pos + tokens.shape[1]
-        assert logits is not None
         return logits
 
     def forward_train(
