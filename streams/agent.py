@@ -219,8 +219,7 @@ class Agent:
             self._load_missing(rest),
             self.swapper.wait_for(swapping, SWAP_WAIT_SECONDS),
         )
-        # Applying fresh fast weights is not merged with other questions (engine_thread.py).
-        await self._answer(rest, t_taken, time.time(), Priority.URGENT, merge=not swapping)
+        await self._answer(rest, t_taken, time.time(), Priority.URGENT)
 
     async def _weights(self, records: list[ConsumerRecord]) -> None:
         burst: list[tuple[FastWeightsPublished, float | None]] = []
@@ -241,15 +240,12 @@ class Agent:
         t_taken: float,
         t_loaded: float | None,
         priority: Priority = Priority.NORMAL,
-        merge: bool = True,
     ) -> None:
         """Answer ``turns`` of scopes in memory and send the replies."""
         if not turns:
             return
         if self.engine.blocking:
-            replies, started = await self.thread.answer(
-                self.engine.answer, turns, priority, merge=merge
-            )
+            replies, started = await self.thread.answer(self.engine.answer, turns, priority)
         else:
             replies, started = self.engine.answer(turns), None
         self._log_if_slow(turns, t_taken, t_loaded or t_taken, started)

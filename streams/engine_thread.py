@@ -11,15 +11,16 @@ round, one decode for all replies), so N waiting calls cost about one, not N in 
 Right after a burst of publishes or a cold start, 20 calls of 1-7 questions each queued
 up and the last one waited ~3 s (``somna bench swap``'s warm-up, 2-core Intel box).
 Merging is safe because the agent never queues two calls with a turn of the same scope (a
-scope's next turns wait for its call in progress), so each scope's turns keep their order. Fact calls
-(BACKGROUND) are never merged: they are kept small on purpose, so that a question queued
-behind one waits little. Nor are calls that apply fresh fast weights (``merge=False``):
-each of their scopes re-wakes the hundreds of tokens kept after its new watermark, work
-that grows with the tokens, not the calls, so merging saves little and makes the first
-question wait for the others' re-wakes (hot swap p50 321-344 ms without, 347-534 ms with,
-`somna bench swap`, 2-core Intel box). That was before pre-waking (consolidation/prewake.py)
-took most of those re-wakes off the agent; merged again after it, one run gave 320/506 ms
-(p50/p99) against 248-292 / 384-521 without: still no gain.
+scope's next turns wait for its call in progress), so each scope's turns keep their order.
+Fact calls (BACKGROUND) are never merged: they are kept small on purpose, so that a
+question queued behind one waits little.
+
+Calls that apply fresh fast weights merge too. They were kept apart while a swap re-woke
+the hundreds of tokens after its new watermark on the engine thread; since pre-waking
+(consolidation/prewake.py) applying one takes ~1 ms, and unmerged, the questions of a burst's
+probed scopes answered one 32-token reply after another: in `somna bench swap` the 4th of
+a row waited 200 ms of engine time for the 3 before it (the agent's side up to 272 ms;
+merged, at most 183 ms in the next run; 2-core Intel box).
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ class _Call:
     args: tuple
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
-    turns: list[Turn] | None = None  # an answer call
-    merge: bool = False  # may take the answer calls queued behind it, and be taken
+    turns: list[Turn] | None = None  # an answer call: may take those queued behind it
 
 
 class EngineThread:
@@ -87,12 +87,11 @@ class EngineThread:
         answer: Callable[[list[Turn]], list[Reply]],
         turns: list[Turn],
         priority: Priority = Priority.NORMAL,
-        merge: bool = True,
     ) -> tuple[list[Reply], float]:
         """``answer(turns)`` on the thread, merged with the question calls queued with it
-        (URGENT and NORMAL, ``merge`` on both); returns the replies to ``turns`` and when
-        the call started. An error of a merged call reaches every caller in it."""
-        call = _Call(answer, (), *self._future(), turns=turns, merge=merge)
+        (URGENT and NORMAL); returns the replies to ``turns`` and when the call started.
+        An error of a merged call reaches every caller in it."""
+        call = _Call(answer, (), *self._future(), turns=turns)
         return await self._submit(call, priority)
 
     def _future(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Future]:
@@ -112,12 +111,12 @@ class EngineThread:
                 self._ready.wait()
             priority, _, first = heapq.heappop(self._heap)
             taken = [first]
-            if not first.merge or priority > Priority.NORMAL:
+            if first.turns is None or priority > Priority.NORMAL:
                 return taken
             n = len(first.turns)
             while self._heap:
                 p, _, nxt = self._heap[0]
-                if p > Priority.NORMAL or not nxt.merge or nxt.fn != first.fn:
+                if p > Priority.NORMAL or nxt.turns is None or nxt.fn != first.fn:
                     break
                 if n + len(nxt.turns) > MAX_MERGED_TURNS:
                     break

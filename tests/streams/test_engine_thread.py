@@ -120,17 +120,6 @@ async def test_an_error_in_a_merged_call_reaches_each_of_its_callers() -> None:
     assert (await thread.answer(answers, _turns("c")))[0][0].text == "re c"  # goes on
 
 
-async def test_a_call_that_applies_fresh_fast_weights_is_not_merged() -> None:
-    thread, answers = EngineThread(), Answers(hold="h")
-    calls = [
-        thread.answer(answers, _turns("a"), Priority.URGENT, merge=False),  # swaps to apply
-        thread.answer(answers, _turns("b"), Priority.URGENT),
-        thread.answer(answers, _turns("c"), Priority.NORMAL),
-    ]
-    await _queued_behind_held(thread, answers, calls)
-    assert answers.calls == [["h", "h"], ["a", "a"], ["b", "b", "c", "c"]]
-
-
 async def test_the_thread_runs_at_its_own_cpu_priority_and_goes_on_without_the_right() -> None:
     import os
 
