@@ -102,3 +102,40 @@ async def test_a_later_question_overtakes_queued_facts_and_each_scope_keeps_its_
     assert engine.woken == [("x", 0), ("b", 3), ("a", 1), ("a", 2), ("a", 4)]
     assert [r.scope_id for r in sent] == ["b", "a"]
     assert not agent.busy("a") and not agent.busy("b")
+
+
+class StagedBy:
+    """Swaps pending for ``scopes`` until their event is set (the Swapper's side)."""
+
+    def __init__(self, scopes: set[str]) -> None:
+        self.staged = {s: asyncio.Event() for s in scopes}
+
+    def pending(self, scope: str) -> bool:
+        return scope in self.staged and not self.staged[scope].is_set()
+
+    async def wait_for(self, scopes: set[str], timeout: float) -> None:
+        waits = [self.staged[s].wait() for s in scopes if s in self.staged]
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+
+async def test_a_held_back_question_waits_for_its_own_swap_only(monkeypatch) -> None:
+    monkeypatch.setattr("streams.agent.SWAP_WAIT_SECONDS", 10.0)  # never times out here
+    engine, thread, sent = GatedEngine("nobody"), EngineThread(), []
+
+    async def send(topic: str, key: bytes | None, value: bytes) -> None:
+        sent.append(Reply.model_validate_json(value))
+
+    settings = Settings()
+    dlq = DeadLetterPolicy(send, max_text_bytes=settings.max_text_bytes)
+    agent = Agent(engine, thread, ScopeLoader(settings), dlq, send, settings)
+    agent.swapper = swaps = StagedBy({"a", "b"})
+    done = await agent.handle({INTERACTIONS: _records([("a", "user", 0), ("b", "user", 1)])})
+    swaps.staged["a"].set()
+    for _ in range(100):  # a's reply goes out while b's swap is still being fetched
+        if sent:
+            break
+        await asyncio.sleep(0.05)
+    assert [r.scope_id for r in sent] == ["a"] and not done.done()
+    swaps.staged["b"].set()
+    await asyncio.wait_for(done, 5)
+    assert [r.scope_id for r in sent] == ["a", "b"]
