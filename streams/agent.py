@@ -215,23 +215,11 @@ class Agent:
     ) -> None:
         if before:
             await asyncio.wait(before)  # their own batch reports a failure
-
-        async def when_loaded(turns: list[Turn]) -> None:
-            await self._load_missing(turns)
-            await self._answer(turns, t_taken, time.time(), Priority.URGENT)
-
-        async def when_swapped(scope: str) -> None:
-            await self.swapper.wait_for({scope}, SWAP_WAIT_SECONDS)
-            turns = [t for t in rest if t.event.scope_id == scope]
-            await self._answer(turns, t_taken, time.time(), Priority.URGENT)
-
-        # Each swapping scope waits for its own swap only: waiting for the burst's slowest
-        # one held the other questions of the batch with the engine idle (staged at +87 ms,
-        # answered from +156; `somna bench swap`). Calls queued together still merge.
         await asyncio.gather(
-            when_loaded([t for t in rest if t.event.scope_id not in swapping]),
-            *(when_swapped(scope) for scope in swapping),
+            self._load_missing(rest),
+            self.swapper.wait_for(swapping, SWAP_WAIT_SECONDS),
         )
+        await self._answer(rest, t_taken, time.time(), Priority.URGENT)
 
     async def _weights(self, records: list[ConsumerRecord]) -> None:
         burst: list[tuple[FastWeightsPublished, float | None]] = []
