@@ -35,8 +35,15 @@ def somna_argv(*args: str) -> list[str]:
 
 
 def default_children(logs: Path, demo: bool) -> list[Child]:
+    # The agent in a stream worker of its own: beside the history aggregator and the
+    # consolidation processor, their bursts (~50 sleep jobs at once when chunks fill
+    # together) held its event loop while it swapped fresh fast weights in (hot swap p50
+    # 176-202 ms in one worker, 114-143 alone; benchmarks/swap.py).
+    agent = ("--role", "agent")
+    aggregators = ("--role", "history", "--role", "consolidator")
     children = [
-        Child("stream", somna_argv("worker", "stream"), logs / "worker-stream.log"),
+        Child("agent", somna_argv("worker", "stream", *agent), logs / "worker-agent.log"),
+        Child("stream", somna_argv("worker", "stream", *aggregators), logs / "worker-stream.log"),
         Child("sleep", somna_argv("worker", "sleep"), logs / "worker-sleep.log"),
     ]
     if demo:  # the live view needs our terminal; quitting it is not a crash
@@ -72,9 +79,10 @@ class Services:
             SOMNA_DATA_DIR=str(settings.data_dir.resolve()),
             SOMNA_PARTITIONS=str(settings.partitions),
         )
-        # Static group membership for our one stream worker: restarted after a crash it
+        # Static group membership for our stream workers: restarted after a crash one
         # takes its partitions back at once (no wait for the session timeout). Stable per
-        # host and data dir, so the next `somna up` here takes over the same way.
+        # host and data dir, so the next `somna up` here takes over the same way. Both
+        # workers may share it: each role set has a consumer group of its own.
         where = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
         env.setdefault(
             "SOMNA_STREAM_INSTANCE_ID",

@@ -12,7 +12,7 @@ import pytest
 
 from infra.settings import Settings
 from infra.supervisor import Child, Supervisor
-from infra.up import run_up, somna_argv
+from infra.up import default_children, run_up, somna_argv
 
 
 def py(code: str) -> list[str]:
@@ -77,3 +77,16 @@ def test_up_hands_the_services_to_its_workers(
     run_up(settings, children=[reporter], stop=stop)
     assert seen.read_text() == f"{settings.kafka_bootstrap} {settings.mlflow_uri}"
     assert reporter.proc is None  # stopped with the rest
+
+
+def test_the_agent_runs_in_a_stream_worker_of_its_own(tmp_path: Path):
+    """Each stream role runs once; the agent alone (benchmarks/swap.py: SPLIT_WORKERS)."""
+    from streams.app import ALL_ROLES
+
+    def roles(argv: list[str]) -> list[str]:
+        return [argv[i + 1] for i, a in enumerate(argv) if a == "--role"]
+
+    streams = [c for c in default_children(tmp_path, demo=False) if "stream" in c.argv]
+    assert sorted(r for c in streams for r in roles(list(c.argv))) == sorted(ALL_ROLES)
+    assert [roles(list(c.argv)) for c in streams if "agent" in c.argv] == [["agent"]]
+    assert len({c.log_path for c in streams}) == len(streams)
