@@ -32,6 +32,7 @@ class Child:
     name: str
     argv: Sequence[str]
     log_path: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # over the supervisor's
     # Restart after a clean exit (code 0) too? Workers yes: they should never stop alone.
     restart_on_success: bool = True
     proc: subprocess.Popen[bytes] | None = None
@@ -74,10 +75,11 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         child.next_start = None
+        env = {**self.env, **child.env}
         if child.log_path is None:
-            child.proc = subprocess.Popen(list(child.argv), env=self.env, start_new_session=True)
+            child.proc = subprocess.Popen(list(child.argv), env=env, start_new_session=True)
         else:
-            child.proc = spawn(child.argv, child.log_path, env=self.env)
+            child.proc = spawn(child.argv, child.log_path, env=env)
         child.started_at = time.monotonic()
         where = f", log {child.log_path}" if child.log_path else ""
         self._note(child, f"started (pid {child.proc.pid}{where})")

@@ -35,15 +35,28 @@ def somna_argv(*args: str) -> list[str]:
 
 
 def default_children(logs: Path, demo: bool) -> list[Child]:
+    from streams.app import ALL_ROLES, group_id
+
     # The agent in a stream worker of its own: beside the history aggregator and the
     # consolidation processor, their bursts (~50 sleep jobs at once when chunks fill
     # together) held its event loop while it swapped fresh fast weights in (hot swap p50
-    # 176-202 ms in one worker, 114-143 alone; benchmarks/swap.py).
-    agent = ("--role", "agent")
-    aggregators = ("--role", "history", "--role", "consolidator")
+    # 176-202 ms in one worker, 114-143 alone; benchmarks/swap.py). The aggregators keep
+    # the consumer group (offsets, consolidation table) of the one worker `somna up` ran
+    # before; the agent takes a group of its own (it never answers a stale backlog).
+    group = os.environ.get("SOMNA_STREAM_GROUP") or group_id(ALL_ROLES)
     children = [
-        Child("agent", somna_argv("worker", "stream", *agent), logs / "worker-agent.log"),
-        Child("stream", somna_argv("worker", "stream", *aggregators), logs / "worker-stream.log"),
+        Child(
+            "agent",
+            somna_argv("worker", "stream", "--role", "agent"),
+            logs / "worker-agent.log",
+            env={"SOMNA_STREAM_GROUP": f"{group}-agent"},
+        ),
+        Child(
+            "stream",
+            somna_argv("worker", "stream", "--role", "history", "--role", "consolidator"),
+            logs / "worker-stream.log",
+            env={"SOMNA_STREAM_GROUP": group},
+        ),
         Child("sleep", somna_argv("worker", "sleep"), logs / "worker-sleep.log"),
     ]
     if demo:  # the live view needs our terminal; quitting it is not a crash

@@ -60,10 +60,11 @@ def test_up_hands_the_services_to_its_workers(
         "reporter",
         py(
             "import os, pathlib, time; pathlib.Path(os.environ['SEEN']).write_text("
-            "os.environ['SOMNA_KAFKA_BOOTSTRAP'] + ' ' + os.environ['SOMNA_MLFLOW_URI']);"
-            " time.sleep(600)"
+            "os.environ['SOMNA_KAFKA_BOOTSTRAP'] + ' ' + os.environ['SOMNA_MLFLOW_URI'] + ' ' +"
+            " os.environ['SOMNA_STREAM_GROUP']); time.sleep(600)"
         ),
         tmp_path / "reporter.log",
+        env={"SOMNA_STREAM_GROUP": "its-own"},  # a child's own variables, over ours
     )
     stop = threading.Event()
 
@@ -75,18 +76,27 @@ def test_up_hands_the_services_to_its_workers(
 
     threading.Thread(target=stop_once_seen, daemon=True).start()
     run_up(settings, children=[reporter], stop=stop)
-    assert seen.read_text() == f"{settings.kafka_bootstrap} {settings.mlflow_uri}"
+    assert seen.read_text() == f"{settings.kafka_bootstrap} {settings.mlflow_uri} its-own"
     assert reporter.proc is None  # stopped with the rest
 
 
-def test_the_agent_runs_in_a_stream_worker_of_its_own(tmp_path: Path):
-    """Each stream role runs once; the agent alone (benchmarks/swap.py: SPLIT_WORKERS)."""
-    from streams.app import ALL_ROLES
+def test_the_agent_runs_in_a_stream_worker_of_its_own(tmp_path: Path, monkeypatch):
+    """Each stream role runs once; the agent alone (benchmarks/swap.py: SPLIT_WORKERS); the
+    aggregators keep the consumer group of the one worker `somna up` ran before."""
+    from streams.app import ALL_ROLES, group_id
 
     def roles(argv: list[str]) -> list[str]:
         return [argv[i + 1] for i, a in enumerate(argv) if a == "--role"]
 
+    monkeypatch.delenv("SOMNA_STREAM_GROUP", raising=False)
     streams = [c for c in default_children(tmp_path, demo=False) if "stream" in c.argv]
     assert sorted(r for c in streams for r in roles(list(c.argv))) == sorted(ALL_ROLES)
-    assert [roles(list(c.argv)) for c in streams if "agent" in c.argv] == [["agent"]]
-    assert len({c.log_path for c in streams}) == len(streams)
+    (agent,) = [c for c in streams if "agent" in c.argv]
+    (aggregators,) = [c for c in streams if c is not agent]
+    assert roles(list(agent.argv)) == ["agent"]
+    assert aggregators.env["SOMNA_STREAM_GROUP"] == group_id(ALL_ROLES)
+    assert agent.env["SOMNA_STREAM_GROUP"] != group_id(ALL_ROLES)
+    assert agent.log_path != aggregators.log_path
+    monkeypatch.setenv("SOMNA_STREAM_GROUP", "ours")  # a group the user chose stays theirs
+    groups = {c.name: c.env.get("SOMNA_STREAM_GROUP") for c in default_children(tmp_path, False)}
+    assert groups["stream"] == "ours" and groups["agent"] == "ours-agent"
