@@ -59,7 +59,7 @@ SLOW_PROBE_S = TARGET_MS / 1000  # probed swaps over the target are listed in th
 IDLE_SECONDS = 3.0
 # The stream workers and their roles (infra/up.py runs the same). The same code, 2-core
 # Intel box: all three roles in one worker, hot swap p50 176-202 ms, p99 298-422, 44-64%
-# within the target (4 runs); the agent alone, p50 114-143, p99 188-347, 82-100% (5 runs).
+# within the target (4 runs); the agent alone, p50 114-165, p99 188-347, 73-100% (8 runs).
 SPLIT_WORKERS = (("agent",), ("history", "consolidator"))
 PASSES = 2
 

@@ -40,7 +40,7 @@ def default_children(logs: Path, demo: bool) -> list[Child]:
     # The agent in a stream worker of its own: beside the history aggregator and the
     # consolidation processor, their bursts (~50 sleep jobs at once when chunks fill
     # together) held its event loop while it swapped fresh fast weights in (hot swap p50
-    # 176-202 ms in one worker, 114-143 alone; benchmarks/swap.py). The aggregators keep
+    # 176-202 ms in one worker, 114-165 alone; benchmarks/swap.py). The aggregators keep
     # the consumer group (offsets, consolidation table) of the one worker `somna up` ran
     # before; the agent takes a group of its own (it never answers a stale backlog).
     group = os.environ.get("SOMNA_STREAM_GROUP") or group_id(ALL_ROLES)
