@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.blocks import Block, GatedDeltaNet, _freqs
+from model.blocks import Block, GatedDeltaNet, _freqs, rms_norm, rotate_half
+from model.ops.naive import recurrent_step
+from model.ops.utils import l2norm
 from model.state import DecodeRows
 
 if TYPE_CHECKING:
@@ -94,16 +96,12 @@ class OneTokenStep:
         )
 
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
-        # As RMSNorm (blocks.py): fp32 math, the input's dtype out.
-        xf = x.float()
-        scale = torch.rsqrt((xf * xf).sum(-1, keepdim=True) / x.shape[-1] + self.cfg.norm_eps)
-        return (xf * scale).to(x.dtype) * weight
+        return rms_norm(x, weight, self.cfg.norm_eps)
 
     def step(self, rows: DecodeRows, ids: Tensor) -> Tensor:
         """Token ``ids (B,)`` at each row's position ``rows.pos``; S, conv and KV of
         ``rows`` move on (``rows.pos`` is the caller's). Returns logits ``(B, V)``."""
         x = F.embedding(ids, self.embed)  # (B, D)
-        half = self.cfg.head_dim // 2
         angles = rows.pos.to(x.device).double()[:, None] * self.freqs  # (B, half)
         cos, sin = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
         g = a = 0  # index of the next GDN / attention layer's state
@@ -113,7 +111,7 @@ class OneTokenStep:
                 y, rows.S[g], rows.conv[g] = self._gdn(layer.mixer, h, rows.S[g], rows.conv[g])
                 g += 1
             else:
-                y = self._attention(layer.mixer, h, rows, a, cos, sin, half)
+                y = self._attention(layer.mixer, h, rows, a, cos, sin)
                 a += 1
             x = x + y
             gate, up = F.linear(self._rms(x, layer.norm2), layer.w_gate_up).chunk(2, -1)
@@ -136,16 +134,10 @@ class OneTokenStep:
             conv = xp[..., 1:]
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         q, k, v = qkv.view(B, 3, H, Dh).to(compute).unbind(1)  # each (B, H, Dh)
-        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * Dh**-0.5
-        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-        decay = (m.neg_A * F.softplus(a.float() + m.dt_bias)).to(compute).exp()
+        g = (m.neg_A * F.softplus(a.float() + m.dt_bias)).to(compute)  # log decay
         beta = torch.sigmoid(b).to(compute)
-        # The gated delta rule's step (ops/naive.py): decay S, write v - k^T S, read q^T S.
-        S = S.to(compute) * decay[..., None, None]
-        v_new = (v - (k[:, :, None] @ S).squeeze(-2)) * beta[..., None]
-        S = S + k[..., :, None] * v_new[..., None, :]
-        o = (q[:, :, None] @ S).squeeze(-2).to(h.dtype)
-        o = self._rms(o, m.o_norm) * F.silu(gate.view(B, H, Dh))
+        S, o = recurrent_step(l2norm(q), l2norm(k), v, g, beta, S.to(compute), Dh**-0.5)
+        o = self._rms(o.to(h.dtype), m.o_norm) * F.silu(gate.view(B, H, Dh))
         return F.linear(o.reshape(B, H * Dh), m.w_out), S, conv
 
     def _attention(
@@ -156,17 +148,11 @@ class OneTokenStep:
         a: int,
         cos: Tensor,
         sin: Tensor,
-        half: int,
     ) -> Tensor:
         B = h.shape[0]
         H, Dh, W = self.cfg.n_heads, self.cfg.head_dim, self.cfg.window
         q, k, v = F.linear(h, m.w_qkv).view(B, 3, H, Dh).unbind(1)  # each (B, H, Dh)
-
-        def rotate(t: Tensor) -> Tensor:
-            t1, t2 = t[..., :half], t[..., half:]
-            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
-
-        q, k = rotate(q), rotate(k)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
         buf = rows.kv[a]
         buf.make_room(k[:, :, None], W)
         assert buf.k is not None and buf.v is not None
