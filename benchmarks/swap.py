@@ -5,7 +5,7 @@ aggregator and the consolidation processor, and one sleep worker, on an embedded
 and MLflow server (or ``SOMNA_KAFKA_BOOTSTRAP`` / ``SOMNA_MLFLOW_URI``); the deployment of
 ``somna up``. In one stream worker the consolidator's bursts of sleep jobs (~50 at once
 when the scopes' chunks fill together) held the agent's event loop while a burst of
-publishes was being swapped in (see ``SPLIT_WORKERS``).
+publishes was being swapped in (see ``STREAM_WORKERS``).
 
 1. Consolidation lag: S active scopes (100; ``--quick``: 10) each state facts as system
    turns (remembered, not answered) at a steady rate. Lag of an event = from its send to
@@ -44,6 +44,7 @@ from rich.table import Table
 
 from benchmarks import machine
 from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES
+from streams.app import AGENT_ROLES, AGGREGATOR_ROLES
 from streams.records import FastWeightsPublished, Interaction, Reply, decode, now
 from streams.swaps import DEFER_UNWANTED_SECONDS
 
@@ -60,7 +61,7 @@ IDLE_SECONDS = 3.0
 # The stream workers and their roles (infra/up.py runs the same). The same code, 2-core
 # Intel box: all three roles in one worker, hot swap p50 176-202 ms, p99 298-422, 44-64%
 # within the target (4 runs); the agent alone, p50 114-165, p99 188-347, 73-100% (8 runs).
-SPLIT_WORKERS = (("agent",), ("history", "consolidator"))
+STREAM_WORKERS = (AGENT_ROLES, AGGREGATOR_ROLES)
 PASSES = 2
 
 
@@ -470,7 +471,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
                 spawn(["-m", "streams.worker", *roles],
                       dict(env, SOMNA_STREAM_GROUP=f"{group}-{'-'.join(roles)}"),
                       tmp / ("stream.log" if "agent" in roles else "stream-aggregators.log"))
-                for roles in SPLIT_WORKERS
+                for roles in STREAM_WORKERS
             ] + [spawn(["-m", "consolidation.sleep_worker"], env, tmp / "sleep.log")]  # fmt: skip
             try:
                 time.sleep(15)  # workers join their groups
@@ -505,7 +506,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "bench": "swap", "quick": quick, "scopes": n_scopes, "probed_scopes": n_probed,
         "load_seconds": seconds, "turns_per_scope_per_s": rate, "chunk_tokens": CHUNK_TOKENS,
         "idle_seconds": IDLE_SECONDS, "passes": PASSES, "base_model_version": base.version,
-        "stream_workers": [list(roles) for roles in SPLIT_WORKERS],
+        "stream_workers": [list(roles) for roles in STREAM_WORKERS],
         "hot_swap": swap, "reply_baseline": baseline,
         # Every scope's v1 comes at the load's start, all at once, with the load's first
         # facts: the worst swaps of a run are often there.

@@ -35,7 +35,10 @@ def somna_argv(*args: str) -> list[str]:
 
 
 def default_children(logs: Path, demo: bool) -> list[Child]:
-    from streams.app import ALL_ROLES, group_id
+    from streams.app import AGENT_ROLES, AGGREGATOR_ROLES, ALL_ROLES, group_id
+
+    def stream_worker(roles: tuple[str, ...]) -> list[str]:
+        return somna_argv("worker", "stream", *(a for r in roles for a in ("--role", r)))
 
     # The agent in a stream worker of its own: beside the history aggregator and the
     # consolidation processor, their bursts (~50 sleep jobs at once when chunks fill
@@ -47,13 +50,13 @@ def default_children(logs: Path, demo: bool) -> list[Child]:
     children = [
         Child(
             "agent",
-            somna_argv("worker", "stream", "--role", "agent"),
+            stream_worker(AGENT_ROLES),
             logs / "worker-agent.log",
             env={"SOMNA_STREAM_GROUP": f"{group}-agent"},
         ),
         Child(
             "stream",
-            somna_argv("worker", "stream", "--role", "history", "--role", "consolidator"),
+            stream_worker(AGGREGATOR_ROLES),
             logs / "worker-stream.log",
             env={"SOMNA_STREAM_GROUP": group},
         ),

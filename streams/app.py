@@ -27,6 +27,11 @@ from infra.topics import DEAD_LETTERS, FAST_WEIGHTS, INTERACTIONS, REPLIES, RETR
 
 GROUP_PREFIX = "somna-stream"
 ALL_ROLES = ("agent", "history", "consolidator")
+# How `somna up` and `somna bench swap` deploy the roles: the agent in a stream worker of
+# its own, the aggregators in another (the consolidator's bursts of sleep jobs held the
+# agent's event loop during swaps; measured in benchmarks/swap.py).
+AGENT_ROLES = ("agent",)
+AGGREGATOR_ROLES = ("history", "consolidator")
 
 
 def group_id(roles: tuple[str, ...] = ALL_ROLES) -> str:

@@ -81,7 +81,7 @@ def test_up_hands_the_services_to_its_workers(
 
 
 def test_the_agent_runs_in_a_stream_worker_of_its_own(tmp_path: Path, monkeypatch):
-    """Each stream role runs once; the agent alone (benchmarks/swap.py: SPLIT_WORKERS); the
+    """Each stream role runs once; the agent alone (streams.app.AGENT_ROLES); the
     aggregators keep the consumer group of the one worker `somna up` ran before."""
     from streams.app import ALL_ROLES, group_id
 
