@@ -7,12 +7,14 @@ and MLflow server (or ``SOMNA_KAFKA_BOOTSTRAP`` / ``SOMNA_MLFLOW_URI``); the dep
 when the scopes' chunks fill together) held the agent's event loop while a burst of
 publishes was being swapped in (see ``STREAM_WORKERS``).
 
-1. Consolidation lag: S active scopes (100; ``--quick``: 10) each state facts as system
-   turns (remembered, not answered) at a steady rate. Lag of an event = from its send to
+1. Consolidation lag: S active scopes (100; ``--quick``: 10) each state facts of the
+   benchmark task (:class:`Talk`) as system turns (remembered, not answered) at a steady
+   rate. Lag of an event = from its send to
    the receipt of the scope's first ``FastWeightsPublished`` whose watermark covers it.
    A scope's job is due when ``chunk_tokens`` fill or after ``idle_seconds``.
 2. Hot-swap latency: when a publish of a probed scope is seen, the bench asks that scope a
-   question (one in flight at a time) until a reply carries the new version. Latency =
+   question about its facts (one in flight at a time) until a reply carries the new
+   version. Latency =
    from the publish record's timestamp to the receipt of that reply. Baseline, same run:
    the round trip of a question when nothing is swapped (the ratio is reported).
    Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question) before the load
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import statistics
 import tempfile
@@ -44,6 +47,8 @@ from rich.table import Table
 
 from benchmarks import machine
 from infra.topics import FAST_WEIGHTS, INTERACTIONS, REPLIES
+from model.tasks.common import name_pool
+from model.tasks.facts import FactsConfig, fact_text, question_text
 from streams.app import AGENT_ROLES, AGGREGATOR_ROLES
 from streams.records import FastWeightsPublished, Interaction, Reply, decode, now
 from streams.swaps import DEFER_UNWANTED_SECONDS
@@ -59,8 +64,9 @@ TARGET_MS = 200.0  # the issue's hot-swap target: p99 from publish to the first 
 SLOW_PROBE_S = TARGET_MS / 1000  # probed swaps over the target are listed in the diagnostic
 IDLE_SECONDS = 3.0
 # The stream workers and their roles (infra/up.py runs the same). The same code, 2-core
-# Intel box: all three roles in one worker, hot swap p50 176-202 ms, p99 298-422, 44-64%
-# within the target (4 runs); the agent alone, p50 114-165, p99 188-347, 73-100% (8 runs).
+# Intel box, probes asking "hi?" (see Talk): all three roles in one worker, hot swap p50
+# 176-202 ms, p99 298-422, 44-64% within the target (4 runs); the agent alone, p50
+# 114-165, p99 188-347, 73-100% (8 runs).
 STREAM_WORKERS = (AGENT_ROLES, AGGREGATOR_ROLES)
 PASSES = 2
 
@@ -70,6 +76,37 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+class Talk:
+    """What the bench's users say, in the benchmark task's fact language (DESIGN.md; the
+    shipped checkpoint's training task, as in ``somna demo``): each scope states the facts
+    of its own reporting chain ("kim reports to bob.") and asks who someone's boss is.
+
+    The questions shape what is measured: a reply is decoded token by token, and the
+    task's answers are one name ("bob.", ~5 tokens). The bench asked "hi?" until session
+    15; after the bench's old facts ("fact 12 of -006: x5 reports to y2.") the model
+    often ran on to the 32-token cap, and the merged decodes of those replies were the
+    hot swap's tail."""
+
+    CHAIN = 12  # people per scope's chain; its facts repeat, as a user's would
+
+    def __init__(self, scopes: list[str]) -> None:
+        rng = random.Random(0)
+        self.chains = {s: rng.sample(name_pool("train"), self.CHAIN) for s in scopes}
+        self._asked: dict[str, int] = defaultdict(int)
+        self._cfg = FactsConfig()
+
+    def fact(self, scope: str, n: int) -> str:
+        """The scope's n-th fact: link ``n`` of its chain (cyclic)."""
+        chain, i = self.chains[scope], n % (self.CHAIN - 1)
+        return fact_text(chain[i], chain[i + 1], self._cfg)
+
+    def question(self, scope: str) -> str:
+        """A 1-hop question about the scope's chain, a different person each time."""
+        k = self._asked[scope] % (self.CHAIN - 1)
+        self._asked[scope] += 1
+        return question_text(self.chains[scope][k], 1, self._cfg)
 
 
 class Bench:
@@ -99,6 +136,7 @@ class Bench:
         self.warmup_seconds = 0.0
         self.probing = False  # publishes are probed once every scope is loaded
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
+        self.talk = Talk(scopes)
 
     async def _consumer(self, topic: str) -> AIOKafkaConsumer:
         c = AIOKafkaConsumer(
@@ -122,17 +160,15 @@ class Bench:
         return ev.event_id, md.offset
 
     async def load(self, seconds: float, per_scope_rate: float) -> None:
-        """Each scope states a fact every 1/rate seconds (staggered)."""
+        """Each scope states a fact of its chain every 1/rate seconds (staggered)."""
         n = 0
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
             for scope in self.scopes:
                 t = time.time()
-                _, offset = await self.send(
-                    scope, f"fact {n} of {scope[-4:]}: x{n % 7} reports to y{n % 5}."
-                )
+                _, offset = await self.send(scope, self.talk.fact(scope, n))
                 self.sent[scope].append((offset, t))
-                n += 1
+            n += 1
             await asyncio.sleep(max(0.0, 1.0 / per_scope_rate - 0.001 * len(self.scopes)))
 
     async def watch_publishes(self, stop: asyncio.Event) -> None:
@@ -169,7 +205,7 @@ class Bench:
             for scope in list(self.pending_probe):
                 if scope not in self.in_flight:
                     t = time.time()
-                    event_id, _ = await self.send(scope, "hi?", role="user")
+                    event_id, _ = await self.send(scope, self.talk.question(scope), role="user")
                     self.in_flight[scope] = event_id
                     self.probe_sent[event_id] = (scope, t)
                     tl = self._open.get(scope)
@@ -190,7 +226,7 @@ class Bench:
                     if scope in self.pending_probe or scope in self.in_flight:
                         continue
                     t = time.time()
-                    event_id, _ = await self.send(scope, "hi?", role="user")
+                    event_id, _ = await self.send(scope, self.talk.question(scope), role="user")
                     self._load_in_flight[scope] = event_id
                     self._load_asked[event_id] = t
                     break
@@ -237,7 +273,8 @@ class Bench:
         for p in tl["probes"]:
             if p["event_id"] == reply.event_id:
                 p.update(received=t_recv, reply_record=t_record, reply_ts=reply.ts,
-                         latency_ms=reply.latency_ms, version=reply.fast_weights_version)  # fmt: skip
+                         latency_ms=reply.latency_ms, version=reply.fast_weights_version,
+                         reply_chars=len(reply.text))  # fmt: skip
 
     async def ask_baseline(self, n: int) -> None:
         """Closed-loop questions to probed scopes while no swap is pending: the baseline."""
@@ -245,7 +282,7 @@ class Bench:
             scope = sorted(self.probed)[i % len(self.probed)]
             if scope in self.pending_probe:
                 continue
-            event_id, _ = await self.send(scope, "hi?", role="user")
+            event_id, _ = await self.send(scope, self.talk.question(scope), role="user")
             self.asked[event_id] = time.time()
             t_end = time.monotonic() + 10
             while event_id in self.asked and time.monotonic() < t_end:
@@ -359,6 +396,7 @@ def swap_diagnostic(
     done = [t for t in timelines if "swap_s" in t]
     parts: dict[str, list[float]] = defaultdict(list)
     slow = []
+    chars: list[int] = []  # the final probes' reply lengths: decode steps, one per byte
     for t in done:
         pub = t["published"]
         answered = [p for p in t["probes"] if "received" in p]
@@ -371,6 +409,7 @@ def swap_diagnostic(
             parts["final_probe_agent_latency"].append(last["latency_ms"] / 1000)
             parts["final_probe_delivery"].append(last["received"] - last["reply_ts"])
             parts["final_probe_sent_after_publish"].append(last["sent"] - pub)
+            chars.append(last["reply_chars"])
         parts["old_version_replies"].append(
             float(sum(1 for p in answered if p["version"] != t["version"]))
         )
@@ -383,12 +422,15 @@ def swap_diagnostic(
                 "probes": [{"sent_ms": rel(p["sent"]), "received_ms": rel(p.get("received")),
                             "reply_built_ms": rel(p.get("reply_ts")),
                             "agent_latency_ms": p.get("latency_ms"),
+                            "reply_chars": p.get("reply_chars"),
                             "version": p.get("version")} for p in t["probes"]],
             })  # fmt: skip
     out = {k: _summary(v) for k, v in parts.items() if k != "old_version_replies"}
     olds = parts["old_version_replies"]
     out["old_version_replies"] = {"n": len(olds), "mean": statistics.fmean(olds) if olds else None,
                                   "max": max(olds) if olds else None}  # fmt: skip
+    out["final_probe_reply_chars"] = {"n": len(chars), "p50": _pct(chars, 50),
+                                      "max": max(chars, default=None)}  # fmt: skip
     out["reply_round_trip_under_load"] = _summary(load_rtt)
     out["under_load_agent_latency"] = _summary([a for a, _ in load_rtt_parts])
     out["under_load_delivery"] = _summary([d for _, d in load_rtt_parts])
@@ -582,7 +624,9 @@ def _print(r: dict) -> None:
             f"{f(d['final_probe_agent_latency'])}, delivery {f(d['final_probe_delivery'])} p99);"
             f" old-version replies/swap mean {d['old_version_replies']['mean'] or 0:.2f} "
             f"max {d['old_version_replies']['max'] or 0:.0f}; "
-            f"{len(d['slow_swaps'])} swaps > {SLOW_PROBE_S * 1000:.0f} ms"
+            f"{len(d['slow_swaps'])} swaps > {SLOW_PROBE_S * 1000:.0f} ms; final probes' "
+            f"replies p50 {d['final_probe_reply_chars']['p50']} chars, "
+            f"max {d['final_probe_reply_chars']['max']}"
         )
         for sw in d["slow_swaps"][:5]:
             console.print(f"  slow: {json.dumps(sw)}")
