@@ -115,6 +115,47 @@ def test_a_swap_resumes_from_the_prewoken_state_and_wakes_only_what_came_after(l
     assert [r.text for r in resumed.answer(ask)] == [r.text for r in full.answer(ask)]
 
 
+def test_the_question_that_applies_a_swap_is_woken_in_the_same_pass(lm, monkeypatch):
+    turns = [_turn(i) for i in range(8)]
+    full, resumed = (ModelEngine(lm, base_model_version="7") for _ in range(2))
+    for engine in (full, resumed):
+        engine.answer(turns)
+    published, weights = _version(lm, full, upto=2)
+    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, _events(turns[3:6]))])
+    pre = FastWeights(**{**weights.__dict__, "prewoken": prewake.Prewoken(state, woken_to=5)})
+    full.swap(published, weights)  # staged: applied by the next answer call
+    resumed.swap(published, pre)
+    batch = [_turn(8, role="user", text="who is it?"), _turn(9), _turn(10, role="user")]
+    expected = [r.text for r in full.answer(batch)]
+    passes = []
+    wake_batch = lm.wake_batch
+    monkeypatch.setattr(lm, "wake_batch", lambda *a: passes.append(1) or wake_batch(*a))
+    yes = _rewoken("yes")
+    assert [r.text for r in resumed.answer(batch)] == expected
+    # Events 6-7 and the question in one pass; turns 9 and 10 in a round each.
+    assert len(passes) == 3
+    assert _rewoken("yes") - yes == sum(len(ids) for _, ids in _events(turns[6:]))
+    _assert_same_state(resumed.memory("u1").state, full.memory("u1").state)
+    assert resumed.memory("u1").offsets == full.memory("u1").offsets
+    assert resumed.memory("u1").last_offset == 10
+
+
+def test_a_question_that_a_sleep_folded_in_already_is_not_woken_again(lm):
+    turns = [_turn(i) for i in range(8)]
+    full, resumed = (ModelEngine(lm, base_model_version="7") for _ in range(2))
+    for engine in (full, resumed):
+        engine.answer([*turns, _turn(8, role="user", text="who is it?")])
+    # A version up to the question itself (redelivered after it was consolidated).
+    published, weights = _version(lm, full, upto=8)
+    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, [])])
+    pre = FastWeights(**{**weights.__dict__, "prewoken": prewake.Prewoken(state, woken_to=8)})
+    full.swap(published, weights)
+    resumed.swap(published, pre)
+    again = [_turn(8, role="user", text="who is it?")]
+    assert [r.text for r in resumed.answer(again)] == [r.text for r in full.answer(again)]
+    assert resumed.memory("u1").state.pending_events == []
+
+
 @pytest.mark.parametrize("case", ["unseen event", "other text", "other weights"])
 def test_a_prewoken_state_that_differs_from_the_memory_is_not_used(lm, case):
     turns = [_turn(i) for i in range(6)]
