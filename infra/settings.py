@@ -50,11 +50,14 @@ class Settings(BaseSettings):
     # 2-core box made a 3-question call 42 ms at p50 and 210 at p99 instead of 21 and 32
     # (each op waits for both threads; `somna bench contention`). 0: torch's default.
     agent_torch_threads: int = Field(default=1, ge=0, le=256)
-    # CPU priority (nice) of the agent's engine thread, so that its questions are not held
-    # behind the tracking server, the broker and the worker's own event loop on a shared
-    # box (`somna bench swap`, 2-core Intel box: hot swap p99 349-490 ms at -10 against
-    # 495-1,202 at 0). Lowering it needs CAP_SYS_NICE; without, the thread keeps its own.
-    agent_engine_nice: int = Field(default=-10, ge=-20, le=19)
+    # CPU priority (nice) of the agent, so that its questions are not held behind the
+    # tracking server, the broker and the aggregators on a shared box: of the whole worker
+    # when the agent runs alone in it (`somna up`), else of its engine thread only. The
+    # engine thread alone at -10: hot swap p99 349-490 ms against 495-1,202 at 0; the
+    # agent's worker at -10 (event loop, artifact reads and engine): p99 134-174 in 3 of 3
+    # runs, 150-402 with only its engine thread (`somna bench swap`, 2-core Intel box).
+    # Lowering it needs CAP_SYS_NICE; without, the agent keeps the priority it was given.
+    agent_nice: int = Field(default=-10, ge=-20, le=19)
     # Consumer group of `somna worker stream` (None: derived from its roles).
     stream_group: str | None = None
     # A stable name of this stream worker in its group (Kafka static membership): restarted

@@ -68,7 +68,7 @@ def install(
     app: faust.App, dlq: DeadLetterPolicy, settings: Settings, engine: Engine
 ) -> AgentConsumer:
     """Run the agent in ``app``'s worker: its consumer starts and stops with the App."""
-    thread = EngineThread(nice=settings.agent_engine_nice)
+    thread = EngineThread(nice=settings.agent_nice)
     intake = AgentConsumer(settings, agent_group_id(app.conf.id))
     agent = Agent(engine, thread, ScopeLoader(settings), dlq, intake.send, settings)
 

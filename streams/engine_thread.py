@@ -69,7 +69,7 @@ class EngineThread:
     """Runs engine calls one at a time on a thread of their own (see the module doc)."""
 
     def __init__(self, nice: int = 0) -> None:
-        self._nice = nice  # the thread's CPU priority (settings.agent_engine_nice)
+        self._nice = nice  # the thread's CPU priority (settings.agent_nice)
         self._heap: list[tuple[int, int, _Call]] = []
         self._ready = threading.Condition()
         self._arrival = itertools.count()
@@ -148,6 +148,23 @@ def _set_nice(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (OSError, AttributeError) as e:
         log.warning("engine thread keeps its CPU priority (nice %d refused: %s)", nice, e)
+
+
+def set_process_nice(nice: int) -> bool:
+    """Every thread of this process at ``nice``; threads started later inherit it from
+    the caller's. Linux keeps a nice value per thread, so each is set (``/proc/self/task``).
+    Best effort, as :func:`_set_nice`: False when refused or not supported."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [threading.get_native_id()]
+    try:
+        for tid in tids:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (OSError, AttributeError) as e:
+        log.warning("the agent's worker keeps its CPU priority (nice %d refused: %s)", nice, e)
+        return False
+    return True
 
 
 def _run(calls: list[_Call]) -> list[Any]:

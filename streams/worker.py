@@ -23,9 +23,10 @@ import faust
 
 from infra.settings import Settings
 from streams import metrics
-from streams.app import ALL_ROLES, create_app, declare_topics, group_id
+from streams.app import AGENT_ROLES, ALL_ROLES, create_app, declare_topics, group_id
 from streams.dead_letters import DeadLetterPolicy
 from streams.engine import Engine, NullEngine
+from streams.engine_thread import set_process_nice
 from streams.exceptions import StreamsError
 from streams.gaps import SkipCheck
 
@@ -128,6 +129,10 @@ async def report_consumer_lag(group: str, consumer: Any) -> None:
 def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     """Block running ``roles`` until SIGTERM/SIGINT; serves Prometheus metrics meanwhile."""
     from infra.topics import provision
+
+    if tuple(roles) == AGENT_ROLES and settings.agent_nice:
+        # Before any other thread starts: they inherit it (settings.agent_nice).
+        set_process_nice(settings.agent_nice)
     from streams.log_limits import limit_client_logs
 
     # A broker outage makes aiokafka log thousands of lines a second: a few are enough.

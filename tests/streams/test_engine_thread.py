@@ -4,6 +4,8 @@ first, question calls queued together merged into one."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,7 +14,7 @@ from streams import engine_thread
 from streams.engine import Turn, make_reply
 from streams.engine_thread import EngineThread, Priority
 from streams.records import Reply
-from tests.streams.conftest import turn
+from tests.streams.conftest import ROOT, turn
 
 
 async def test_urgent_calls_overtake_queued_background_ones_and_order_holds_within() -> None:
@@ -135,3 +137,26 @@ async def test_the_thread_runs_at_its_own_cpu_priority_and_goes_on_without_the_r
     if os.geteuid() != 0:  # lowering it is refused without CAP_SYS_NICE: the thread goes on
         refused = EngineThread(nice=-20)
         assert await refused.call(nice_here) == before
+
+
+def test_a_whole_process_can_run_at_the_agents_priority() -> None:
+    # In a child process: the pytest process keeps its own priority.
+    code = (
+        "import os, threading, time\n"
+        "from streams.engine_thread import set_process_nice\n"
+        "def nice():\n"
+        "    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n"
+        "before = nice()\n"
+        "got = []\n"
+        "early = threading.Thread(target=lambda: (time.sleep(0.5), got.append(nice())))\n"
+        "early.start()\n"
+        "assert set_process_nice(min(19, before + 1))\n"
+        "late = threading.Thread(target=lambda: got.append(nice()))\n"
+        "late.start(); late.join(); early.join()\n"
+        "print(before, nice(), *got)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    before, *after = (int(x) for x in out.stdout.split())
+    # The caller, a thread already running and one started later: all moved.
+    assert after == [min(19, before + 1)] * 3

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +24,9 @@ pytestmark = [pytest.mark.kafka]
 
 async def test_turn_in_reply_out_with_the_right_ids(kafka_bootstrap, stream_env, start_worker):
     scope = unique("scope")
-    worker = start_worker(stream_env, ("agent",))
+    # The agent's priority (settings.agent_nice); raising a nice value needs no privilege.
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 1)
+    worker = start_worker({**stream_env, "SOMNA_AGENT_NICE": str(nice)}, ("agent",))
     async with TopicReader(kafka_bootstrap, REPLIES) as replies:
         said = turn(scope, "hello")
         await send_turns(kafka_bootstrap, [turn(scope, "a fact.", role="system"), said])
@@ -30,6 +35,8 @@ async def test_turn_in_reply_out_with_the_right_ids(kafka_bootstrap, stream_env,
     assert reply.event_id == said.event_id and reply.reply_id == reply_id_for(said.event_id)
     assert reply.scope_id == scope and reply.base_model_version == "null"
     assert reply.latency_ms >= 0
+    # An agent alone in its worker: every thread of it runs at the agent's priority.
+    assert _thread_nices(worker.proc.pid) == {nice}
     # The worker's Prometheus endpoint counts it.
     import re
     import urllib.request
@@ -347,3 +354,12 @@ async def test_the_consolidation_table_survives_a_restart(
     job = SleepJob.model_validate_json(got[0].value)
     assert (job.from_watermark, job.to_watermark) == (offsets[0], offsets[2])
     assert "Restore complete" in second.log() and "Error in recovery" not in second.log()
+
+
+def _thread_nices(pid: int) -> set[int]:
+    """The nice values of a process's threads (Linux keeps one per thread)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            out.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return out
