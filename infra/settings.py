@@ -53,9 +53,11 @@ class Settings(BaseSettings):
     # CPU priority (nice) of the agent, so that its questions are not held behind the
     # tracking server, the broker and the aggregators on a shared box: of the whole worker
     # when the agent runs alone in it (`somna up`), else of its engine thread only. The
-    # engine thread alone at -10: hot swap p99 349-490 ms against 495-1,202 at 0; the
-    # agent's worker at -10 (event loop, artifact reads and engine): p99 134-174 in 3 of 3
-    # runs, 150-402 with only its engine thread (`somna bench swap`, 2-core Intel box).
+    # engine thread alone at -10: hot swap p99 349-490 ms against 495-1,202 at 0 (older
+    # code); the agent's worker at -10 (event loop, artifact reads and engine): p99
+    # 134-187 ms in 4 runs of 5 (the fifth: a 200 ms broker stall, 321), against 136-402
+    # (3 runs of 8 under 200) with only its engine thread (`somna bench swap`, 2-core
+    # Intel box).
     # Lowering it needs CAP_SYS_NICE; without, the agent keeps the priority it was given.
     agent_nice: int = Field(default=-10, ge=-20, le=19)
     # Consumer group of `somna worker stream` (None: derived from its roles).
