@@ -93,15 +93,25 @@ def _published(watermark: int) -> FastWeightsPublished:
                                 job_id="j")  # fmt: skip
 
 
-def test_a_swap_resumes_from_the_prewoken_state_and_wakes_only_what_came_after(lm):
-    turns = [_turn(i) for i in range(8)]
+def _engines_with_a_version(lm: HybridLM, turns: list[Turn], upto: int, woken_to: int) -> tuple:
+    """Two engines that heard ``turns``, and a version up to offset ``upto``: the plain
+    weights, and the same with the events up to ``woken_to`` pre-woken (the sleep worker
+    read the topic that far)."""
     full, resumed = (ModelEngine(lm, base_model_version="7") for _ in range(2))
     for engine in (full, resumed):
         engine.answer(turns)
-    published, weights = _version(lm, full, upto=2)
+    published, weights = _version(lm, full, upto=upto)
+    woken = [t for t in turns if upto < t.offset <= woken_to]
+    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, _events(woken))])
+    prewoken = prewake.Prewoken(state, woken_to=woken_to)
+    pre = FastWeights(**{**weights.__dict__, "prewoken": prewoken})
+    return full, resumed, published, weights, pre
+
+
+def test_a_swap_resumes_from_the_prewoken_state_and_wakes_only_what_came_after(lm):
+    turns = [_turn(i) for i in range(8)]
     # The sleep worker read the topic up to offset 5: events 3-5 are pre-woken.
-    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, _events(turns[3:6]))])
-    pre = FastWeights(**{**weights.__dict__, "prewoken": prewake.Prewoken(state, woken_to=5)})
+    full, resumed, published, weights, pre = _engines_with_a_version(lm, turns, 2, 5)
     yes, no = _rewoken("yes"), _rewoken("no")
     assert full.swap(published, weights) == "swapped"
     assert resumed.swap(published, pre) == "swapped"
@@ -117,12 +127,7 @@ def test_a_swap_resumes_from_the_prewoken_state_and_wakes_only_what_came_after(l
 
 def test_the_question_that_applies_a_swap_is_woken_in_the_same_pass(lm, monkeypatch):
     turns = [_turn(i) for i in range(8)]
-    full, resumed = (ModelEngine(lm, base_model_version="7") for _ in range(2))
-    for engine in (full, resumed):
-        engine.answer(turns)
-    published, weights = _version(lm, full, upto=2)
-    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, _events(turns[3:6]))])
-    pre = FastWeights(**{**weights.__dict__, "prewoken": prewake.Prewoken(state, woken_to=5)})
+    full, resumed, published, weights, pre = _engines_with_a_version(lm, turns, 2, 5)
     full.swap(published, weights)  # staged: applied by the next answer call
     resumed.swap(published, pre)
     batch = [_turn(8, role="user", text="who is it?"), _turn(9), _turn(10, role="user")]
@@ -141,14 +146,9 @@ def test_the_question_that_applies_a_swap_is_woken_in_the_same_pass(lm, monkeypa
 
 
 def test_a_question_that_a_sleep_folded_in_already_is_not_woken_again(lm):
-    turns = [_turn(i) for i in range(8)]
-    full, resumed = (ModelEngine(lm, base_model_version="7") for _ in range(2))
-    for engine in (full, resumed):
-        engine.answer([*turns, _turn(8, role="user", text="who is it?")])
+    turns = [*(_turn(i) for i in range(8)), _turn(8, role="user", text="who is it?")]
     # A version up to the question itself (redelivered after it was consolidated).
-    published, weights = _version(lm, full, upto=8)
-    (state,) = prewake.wake_tails(lm, [(published, weights.tensors, [])])
-    pre = FastWeights(**{**weights.__dict__, "prewoken": prewake.Prewoken(state, woken_to=8)})
+    full, resumed, published, weights, pre = _engines_with_a_version(lm, turns, 8, 8)
     full.swap(published, weights)
     resumed.swap(published, pre)
     again = [_turn(8, role="user", text="who is it?")]
