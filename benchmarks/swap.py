@@ -9,15 +9,14 @@ publishes was being swapped in (see ``STREAM_WORKERS``).
 
 1. Consolidation lag: S active scopes (100; ``--quick``: 10) each state facts of the
    benchmark task (:class:`Talk`) as system turns (remembered, not answered) at a steady
-   rate. Lag of an event = from its send to
-   the receipt of the scope's first ``FastWeightsPublished`` whose watermark covers it.
-   A scope's job is due when ``chunk_tokens`` fill or after ``idle_seconds``.
+   rate. Lag of an event = from its send to the receipt of the scope's first
+   ``FastWeightsPublished`` whose watermark covers it. A scope's job is due when
+   ``chunk_tokens`` fill or after ``idle_seconds``.
 2. Hot-swap latency: when a publish of a probed scope is seen, the bench asks that scope a
    question about its facts (one in flight at a time) until a reply carries the new
-   version. Latency =
-   from the publish record's timestamp to the receipt of that reply. Baseline, same run:
-   the round trip of a question when nothing is swapped (the ratio is reported).
-   Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question) before the load
+   version. Latency = from the publish record's timestamp to the receipt of that reply.
+   Baseline, same run: the round trip of a question when nothing is swapped (the ratio
+   is reported). Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question) before the load
    starts, and publishes are probed only from then: a cold scope's load holds the agent's
    answer loop (~0.3 s a scope), which is a cold start, not a hot swap.
 3. Diagnostic (``swap_diagnostic`` in the JSON, a line under the table): per probed swap,

@@ -140,29 +140,30 @@ class EngineThread:
 
 
 def _set_nice(nice: int) -> None:
-    """The calling thread's nice value (Linux: per thread). Best effort: lowering it needs
-    CAP_SYS_NICE, and an agent without it still answers, at the priority it was given."""
-    if not nice:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (OSError, AttributeError) as e:
-        log.warning("engine thread keeps its CPU priority (nice %d refused: %s)", nice, e)
+    """The calling thread's nice value (Linux: per thread)."""
+    if nice:
+        _renice([threading.get_native_id()], nice, "engine thread")
 
 
 def set_process_nice(nice: int) -> bool:
     """Every thread of this process at ``nice``; threads started later inherit it from
     the caller's. Linux keeps a nice value per thread, so each is set (``/proc/self/task``).
-    Best effort, as :func:`_set_nice`: False when refused or not supported."""
+    False when refused or not supported."""
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         tids = [threading.get_native_id()]
+    return _renice(tids, nice, "the agent's worker")
+
+
+def _renice(tids: list[int], nice: int, what: str) -> bool:
+    """Best effort: lowering a nice value needs CAP_SYS_NICE, and an agent without it
+    still answers, at the priority it was given."""
     try:
         for tid in tids:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
     except (OSError, AttributeError) as e:
-        log.warning("the agent's worker keeps its CPU priority (nice %d refused: %s)", nice, e)
+        log.warning("%s keeps its CPU priority (nice %d refused: %s)", what, nice, e)
         return False
     return True
 

@@ -326,6 +326,7 @@ class ModelEngine:
         states: list[Any] = [None] * len(todo)
         full, resumed = [], []  # indices into todo
         starts, tails = [], []  # of the resumed: pre-woken state, events after it
+        rewoken = []  # of the resumed: tokens woken again (the tail less a first event)
         with_first: set[str] = set()
         for i, (mem, (published, weights)) in enumerate(todo):
             pending = mem.state.pending_events
@@ -337,6 +338,7 @@ class ModelEngine:
             resumed.append(i)
             starts.append(pre.state)
             tail = [k for k in kept if k[0] > pre.woken_to]
+            rewoken.append(sum(len(ids) for _, ids in tail))
             first = firsts.get(published.scope_id)
             # Only an event after everything in memory and in S (not one a sleep ahead of
             # us folded in: the caller asks that one again instead of waking it twice).
@@ -354,11 +356,9 @@ class ModelEngine:
                 metrics.SWAP_REWAKES.labels(prewoken="no").inc(state.pos)
         if resumed:
             woken = self.lm.resume_states(starts, tails)
-            for i, state, tail in zip(resumed, woken, tails, strict=True):
+            for i, state, tokens in zip(resumed, woken, rewoken, strict=True):
                 states[i] = state
-                if todo[i][1][0].scope_id in with_first:
-                    tail = tail[:-1]  # a new event, not a re-wake
-                metrics.SWAP_REWAKES.labels(prewoken="yes").inc(sum(len(t) for _, t in tail))
+                metrics.SWAP_REWAKES.labels(prewoken="yes").inc(tokens)
         with self._staging:
             for (mem, staged), state in zip(todo, states, strict=True):
                 if mem.staged is staged:

@@ -129,11 +129,11 @@ async def report_consumer_lag(group: str, consumer: Any) -> None:
 def run(settings: Settings, roles: Sequence[str] = ALL_ROLES) -> None:
     """Block running ``roles`` until SIGTERM/SIGINT; serves Prometheus metrics meanwhile."""
     from infra.topics import provision
+    from streams.log_limits import limit_client_logs
 
     if tuple(roles) == AGENT_ROLES and settings.agent_nice:
-        # Before any other thread starts: they inherit it (settings.agent_nice).
+        # Before the worker starts its threads: they inherit it (settings.agent_nice).
         set_process_nice(settings.agent_nice)
-    from streams.log_limits import limit_client_logs
 
     # A broker outage makes aiokafka log thousands of lines a second: a few are enough.
     limit_client_logs()

@@ -360,6 +360,6 @@ def _thread_nices(pid: int) -> set[int]:
     """The nice values of a process's threads (Linux keeps one per thread)."""
     out = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            out.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            out.add(os.getpriority(os.PRIO_PROCESS, int(task.name)))
     return out
