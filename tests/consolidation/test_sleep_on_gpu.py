@@ -1,10 +1,12 @@
 """The sleep worker's batched sleep on CUDA (``consolidation.batch.sleep_states``, what
 ``run_batch`` calls on a GPU machine) gives the fast weights the CPU gives, and its
-artifact serves the CPU agent: same answers. Skipped where there is no CUDA (CI); run it
-on a GPU machine."""
+artifact serves the CPU agent: same answers; the state it pre-wakes there serves that agent
+too. Skipped where there is no CUDA (CI); run it on a GPU machine
+(``benchmarks/gpu_sleep_session.sh``)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,70 @@ def test_batched_sleep_on_cuda_matches_the_cpu_and_serves_the_cpu_agent(tmp_path
     state = state_from_artifact(loaded, loaded_meta, cfg)
     for people in CHAINS:
         assert answer(lm, state.fast_weights(), people[0]) == answer(lm, on_gpu[3], people[0])
+
+
+def test_a_state_prewoken_on_cuda_serves_the_cpu_agent(tmp_path: Path) -> None:
+    """The sleep worker pre-wakes with its base model where the batch slept (on a GPU
+    machine, CUDA: ``run_batch`` moved it there); the CPU agent must accept that state
+    (its S' is the artifact's, bit for bit), resume from it, and answer as after its own
+    full re-wake."""
+    from consolidation import prewake
+    from consolidation.fast_weights import FastWeights
+    from model import HybridLM
+    from model.tokenizer import render_turn
+    from streams import metrics
+    from streams.engine import Turn
+    from streams.memory import ModelEngine
+    from streams.records import FastWeightsPublished, Interaction
+
+    ckpt = shipped_checkpoint("facts-n4")
+    cpu_lm, gpu_lm = HybridLM.load(ckpt, device="cpu"), HybridLM.load(ckpt, device="cuda")
+    cfg = cpu_lm.config
+    facts = [f"{a} reports to {b}." for people in CHAINS for a, b in itertools.pairwise(people)]
+    turns = [
+        Turn(
+            Interaction(
+                event_id=f"e{i}", scope_id="u1", session_id="s", role="system", text=text, ts=0.0
+            ),
+            0,
+            i,
+            None,
+        )  # fmt: skip
+        for i, text in enumerate(facts)
+    ]
+    full, resumed = (ModelEngine(cpu_lm, base_model_version="7") for _ in range(2))
+    for engine in (full, resumed):
+        engine.answer(turns)
+    upto = 2  # the version folds in the first chain; the other two are pending after it
+    state = full.memory("u1").state
+    weights = cpu_lm.sleep([state.pending_tokens(upto)], state, passes=cfg.sleep_passes)
+    sha = "cd" * 32
+    published = FastWeightsPublished(scope_id="u1", version="1", artifact_uri="x", sha256=sha,
+                                     watermark=upto, base_model_version="7", job_id="j")  # fmt: skip
+    fw = FastWeights(scope_id="u1", version="1", tensors=weights.fast_weights(),
+                     metadata={"config_hash": cfg.config_hash()}, watermark=upto,
+                     base_model_version="7")  # fmt: skip
+    tail = [(t.offset, render_turn("system", t.event.text)) for t in turns if t.offset > upto]
+    (woken,) = prewake.wake_tails(gpu_lm, [(published, fw.tensors, tail)])
+    prewake.write(tmp_path, sha, prewake.Prewoken(woken, woken_to=turns[-1].offset))
+    back = prewake.read(tmp_path, sha)
+    assert back is not None and back.state.S[0].device.type == "cpu"
+
+    assert full.swap(published, fw) == "swapped"
+    assert resumed.swap(published, FastWeights(**{**fw.__dict__, "prewoken": back})) == "swapped"
+    # The swaps are applied by each engine's next answer call: the resumed one from the
+    # pre-woken state (no full re-wake), with nothing after it left to wake again.
+    for k, people in enumerate(CHAINS):
+        ask = [Turn(Interaction(event_id=f"q{k}", scope_id="u1", session_id="s", role="user",
+                                text=f"who is {people[0]}'s boss?", ts=0.0), 0, 100 + k, None)]  # fmt: skip
+        rewoken = [metrics.SWAP_REWAKES.labels(prewoken=p)._value.get() for p in ("yes", "no")]
+        replies = [r.text for r in resumed.answer(ask)]
+        if k == 0:
+            now = [metrics.SWAP_REWAKES.labels(prewoken=p)._value.get() for p in ("yes", "no")]
+            assert now == rewoken
+        assert replies == [r.text for r in full.answer(ask)]
+    a, b = full.memory("u1").state, resumed.memory("u1").state
+    assert [e.offset for e in b.pending_events] == [e.offset for e in a.pending_events]
+    for x, y in zip(a.S, b.S, strict=True):
+        err = float((y - x).abs().max() / x.abs().max().clamp_min(1e-12))
+        assert err < TOLERANCE, err
