@@ -29,6 +29,7 @@ publishes was being swapped in (see ``STREAM_WORKERS``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -53,7 +54,7 @@ from streams.records import FastWeightsPublished, Interaction, Reply, decode, no
 from streams.swaps import DEFER_UNWANTED_SECONDS
 
 console = Console()
-PROBE_EVERY = 0.005  # how often the prober checks for a publish / an answered probe
+PROBE_EVERY = 0.005  # the prober looks at least this often (it is woken on a publish or reply)
 # During the load, one probed scope with no swap pending (in turn) is asked a question this
 # often: the reply round trip under the same load as the swaps (the baseline phases run
 # without it). One at a time, so these questions add little to the load they measure.
@@ -135,6 +136,7 @@ class Bench:
         self.warming: set[str] = set()  # event_ids of the warm-up turns not yet answered
         self.warmup_seconds = 0.0
         self.probing = False  # publishes are probed once every scope is loaded
+        self._probe_due = asyncio.Event()  # a publish to probe, or a probe answered
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
         self.talk = Talk(scopes)
 
@@ -151,9 +153,11 @@ class Bench:
             await c.position(tp)
         return c
 
-    async def send(self, scope: str, text: str, role: str = "system") -> tuple[str, int]:
-        ev = Interaction(event_id=uuid.uuid4().hex, scope_id=scope, session_id="bench", role=role,
-                         text=text, ts=now())  # fmt: skip
+    async def send(
+        self, scope: str, text: str, role: str = "system", event_id: str | None = None
+    ) -> tuple[str, int]:
+        ev = Interaction(event_id=event_id or uuid.uuid4().hex, scope_id=scope,
+                         session_id="bench", role=role, text=text, ts=now())  # fmt: skip
         md = await self.producer.send_and_wait(
             INTERACTIONS, key=scope.encode(), value=ev.to_bytes()
         )
@@ -186,6 +190,7 @@ class Bench:
                         self.published_at[(pub.scope_id, pub.version)] = r.timestamp / 1000.0
                         if self.probing and pub.scope_id in self.probed:
                             self.pending_probe[pub.scope_id] = (pub.version, r.timestamp / 1000.0)
+                            self._probe_due.set()
                             old = self._open.get(pub.scope_id)
                             if old is not None:
                                 old["superseded"] = True
@@ -200,19 +205,34 @@ class Bench:
 
     async def probe(self, stop: asyncio.Event) -> None:
         """After a publish, ask the scope (one question in flight per scope, closed loop)
-        until a reply carries the new version: probes must not load the agent themselves."""
+        until a reply carries the new version: probes must not load the agent themselves.
+
+        Each probed scope is a user of its own: its question is sent as soon as the bench
+        sees the publish (or the reply from the old version), not after the broker acked
+        the other scopes' questions (until session 16 they went one after another, ~10 ms
+        at p50 from the bench seeing a publish to its last probe sent)."""
+        sending: set[asyncio.Task] = set()  # the loop keeps only weak references
         while not stop.is_set():
             for scope in list(self.pending_probe):
                 if scope not in self.in_flight:
-                    t = time.time()
-                    event_id, _ = await self.send(scope, self.talk.question(scope), role="user")
-                    self.in_flight[scope] = event_id
-                    self.probe_sent[event_id] = (scope, t)
-                    tl = self._open.get(scope)
-                    if tl is not None:
-                        tl["probes"].append({"event_id": event_id, "sent": t,
-                                             "sent_done": time.time()})  # fmt: skip
-            await asyncio.sleep(PROBE_EVERY)
+                    task = asyncio.create_task(self._ask_probe(scope))
+                    sending.add(task)
+                    task.add_done_callback(sending.discard)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_EVERY):
+                    await self._probe_due.wait()
+            self._probe_due.clear()
+
+    async def _ask_probe(self, scope: str) -> None:
+        event_id, t = uuid.uuid4().hex, time.time()
+        self.in_flight[scope] = event_id  # before the send: its reply may come first
+        self.probe_sent[event_id] = (scope, t)
+        probe = {"event_id": event_id, "sent": t}
+        tl = self._open.get(scope)
+        if tl is not None:
+            tl["probes"].append(probe)
+        await self.send(scope, self.talk.question(scope), role="user", event_id=event_id)
+        probe["sent_done"] = time.time()
 
     async def probe_under_load(self, stop: asyncio.Event) -> None:
         """While the load runs, every ``LOAD_RTT_EVERY`` s, ask the next probed scope that
@@ -242,6 +262,7 @@ class Bench:
                         reply = decode(r.value, Reply)
                         if self.in_flight.get(reply.scope_id) == reply.event_id:
                             del self.in_flight[reply.scope_id]
+                            self._probe_due.set()
                         if reply.event_id in self.asked:
                             self.baseline.append(t_recv - self.asked.pop(reply.event_id))
                         self.warming.discard(reply.event_id)
@@ -550,6 +571,7 @@ def run(quick: bool, json_path: Path | None) -> dict:
         "idle_seconds": IDLE_SECONDS, "passes": PASSES, "base_model_version": base.version,
         "stream_workers": [list(roles) for roles in STREAM_WORKERS],
         "hot_swap": swap, "reply_baseline": baseline,
+        "hot_swap_ms": [round(s * 1000, 1) for s in raw["swaps"]],  # to pool runs
         # Every scope's v1 comes at the load's start, all at once, with the load's first
         # facts: the worst swaps of a run are often there.
         "hot_swap_after_first_wave": _summary(
