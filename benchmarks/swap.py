@@ -68,7 +68,7 @@ IDLE_SECONDS = 3.0
 # 176-202 ms, p99 298-422, 44-64% within the target (4 runs); the agent alone, p50
 # 114-165, p99 188-347, 73-100% (8 runs). With the task's questions and the agent's whole
 # worker at nice -10 (settings.agent_nice): p50 87-123, p99 134-321 (4 runs of 5 < 200);
-# the same agent, each probe sent at once (session 16): p50 59-106, p99 103-195 (12 runs).
+# the same agent, each probe sent at once (session 16): p50 59-106, p99 103-195 (15 runs).
 STREAM_WORKERS = (AGENT_ROLES, AGGREGATOR_ROLES)
 PASSES = 2
 
