@@ -16,9 +16,9 @@ publishes was being swapped in (see ``STREAM_WORKERS``).
    question about its facts (one in flight at a time) until a reply carries the new
    version. Latency = from the publish record's timestamp to the receipt of that reply.
    Baseline, same run: the round trip of a question when nothing is swapped (the ratio
-   is reported). Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question) before the load
-   starts, and publishes are probed only from then: a cold scope's load holds the agent's
-   answer loop (~0.3 s a scope), which is a cold start, not a hot swap.
+   is reported). Target: swap p99 < 200 ms. Every scope is loaded (a warm-up question)
+   before the load starts, and publishes are probed only from then: a cold scope's load
+   holds the agent's answer loop (~0.3 s a scope), which is a cold start, not a hot swap.
 3. Diagnostic (``swap_diagnostic`` in the JSON, a line under the table): per probed swap,
    its timeline (publish, bench sees it, agent staged it, each probe's send / reply built /
    receipt and version), old-version replies per swap, the final probe's agent side

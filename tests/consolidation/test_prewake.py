@@ -49,7 +49,7 @@ def _version(lm: HybridLM, engine: ModelEngine, upto: int) -> tuple:
                                      sha256=SHA, watermark=upto, base_model_version="7",
                                      job_id="j")  # fmt: skip
     weights = FastWeights(scope_id="u1", version="1", tensors=slept.fast_weights(),
-                          metadata={"config_hash": CFG.config_hash()}, watermark=upto,
+                          metadata={"config_hash": lm.config.config_hash()}, watermark=upto,
                           base_model_version="7")  # fmt: skip
     return published, weights
 

@@ -92,43 +92,22 @@ def test_a_state_prewoken_on_cuda_serves_the_cpu_agent(tmp_path: Path) -> None:
     from consolidation import prewake
     from consolidation.fast_weights import FastWeights
     from model import HybridLM
-    from model.tokenizer import render_turn
-    from streams import metrics
-    from streams.engine import Turn
     from streams.memory import ModelEngine
-    from streams.records import FastWeightsPublished, Interaction
+    from tests.consolidation.test_prewake import SHA, _events, _rewoken, _turn, _version
 
     ckpt = shipped_checkpoint("facts-n4")
     cpu_lm, gpu_lm = HybridLM.load(ckpt, device="cpu"), HybridLM.load(ckpt, device="cuda")
-    cfg = cpu_lm.config
     facts = [f"{a} reports to {b}." for people in CHAINS for a, b in itertools.pairwise(people)]
-    turns = [
-        Turn(
-            Interaction(
-                event_id=f"e{i}", scope_id="u1", session_id="s", role="system", text=text, ts=0.0
-            ),
-            0,
-            i,
-            None,
-        )  # fmt: skip
-        for i, text in enumerate(facts)
-    ]
+    turns = [_turn(i, text=text) for i, text in enumerate(facts)]
     full, resumed = (ModelEngine(cpu_lm, base_model_version="7") for _ in range(2))
     for engine in (full, resumed):
         engine.answer(turns)
-    upto = 2  # the version folds in the first chain; the other two are pending after it
-    state = full.memory("u1").state
-    weights = cpu_lm.sleep([state.pending_tokens(upto)], state, passes=cfg.sleep_passes)
-    sha = "cd" * 32
-    published = FastWeightsPublished(scope_id="u1", version="1", artifact_uri="x", sha256=sha,
-                                     watermark=upto, base_model_version="7", job_id="j")  # fmt: skip
-    fw = FastWeights(scope_id="u1", version="1", tensors=weights.fast_weights(),
-                     metadata={"config_hash": cfg.config_hash()}, watermark=upto,
-                     base_model_version="7")  # fmt: skip
-    tail = [(t.offset, render_turn("system", t.event.text)) for t in turns if t.offset > upto]
-    (woken,) = prewake.wake_tails(gpu_lm, [(published, fw.tensors, tail)])
-    prewake.write(tmp_path, sha, prewake.Prewoken(woken, woken_to=turns[-1].offset))
-    back = prewake.read(tmp_path, sha)
+    # The version folds in the first chain; the other two are pending after it.
+    published, fw = _version(cpu_lm, full, upto=2)
+    tail = [t for t in turns if t.offset > published.watermark]
+    (woken,) = prewake.wake_tails(gpu_lm, [(published, fw.tensors, _events(tail))])
+    prewake.write(tmp_path, SHA, prewake.Prewoken(woken, woken_to=turns[-1].offset))
+    back = prewake.read(tmp_path, SHA)
     assert back is not None and back.state.S[0].device.type == "cpu"
 
     assert full.swap(published, fw) == "swapped"
@@ -136,13 +115,11 @@ def test_a_state_prewoken_on_cuda_serves_the_cpu_agent(tmp_path: Path) -> None:
     # The swaps are applied by each engine's next answer call: the resumed one from the
     # pre-woken state (no full re-wake), with nothing after it left to wake again.
     for k, people in enumerate(CHAINS):
-        ask = [Turn(Interaction(event_id=f"q{k}", scope_id="u1", session_id="s", role="user",
-                                text=f"who is {people[0]}'s boss?", ts=0.0), 0, 100 + k, None)]  # fmt: skip
-        rewoken = [metrics.SWAP_REWAKES.labels(prewoken=p)._value.get() for p in ("yes", "no")]
+        ask = [_turn(100 + k, role="user", text=f"who is {people[0]}'s boss?")]
+        rewoken = [_rewoken("yes"), _rewoken("no")]
         replies = [r.text for r in resumed.answer(ask)]
         if k == 0:
-            now = [metrics.SWAP_REWAKES.labels(prewoken=p)._value.get() for p in ("yes", "no")]
-            assert now == rewoken
+            assert [_rewoken("yes"), _rewoken("no")] == rewoken
         assert replies == [r.text for r in full.answer(ask)]
     a, b = full.memory("u1").state, resumed.memory("u1").state
     assert [e.offset for e in b.pending_events] == [e.offset for e in a.pending_events]
